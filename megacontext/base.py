@@ -98,7 +98,8 @@ class FrozenBase:
         """Load any HF causal LM from a local directory or a hub id (hub ids need network or cache)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+        looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+                       or os.path.exists(name_or_path))
         path = os.path.expanduser(name_or_path)
         if looks_local and not os.path.isdir(path):
             raise BaseModelError(f"base model path {name_or_path!r} does not exist or is not a directory")

@@ -31,7 +31,9 @@ def select_device(name: str | None = None) -> torch.device:
         try:
             dev = torch.device(name)
         except RuntimeError as e:
-            raise ValueError(f"device={name!r} is not a valid torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')") from e
+            raise ValueError(
+                f"device={name!r} is not a valid torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')"
+            ) from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={name!r} requested but CUDA is not available on this machine")
     return dev
