@@ -1,0 +1,244 @@
+"""Working Context: what the frozen base model reads — a budgeted, block-aligned tiling of the history.
+
+Each entry is an LOD0 block (32 raw tokens, cost 32), an LOD1 gist (cost 1, 32 tokens) or an LOD2 gist
+(cost 1, 1,024 tokens). The tiling is held as tensors (:class:`~megacontext.wc_tiling.EntryState`) and
+every operation is a pure vectorised function from :mod:`megacontext.wc_tiling` /
+:mod:`megacontext.allocator`; :class:`WorkingContext` is a thin stateful wrapper that also knows the
+history length, the config and the step counter.
+
+Invariants (checked by :func:`check_invariants`, which the engine runs in debug mode): time-ordered,
+gap-free, block-aligned, level-consistent tiling of the complete blocks; the partial tail and every block
+touching the most recent ``recent_raw`` tokens are raw; total cost <= ``w_max``.
+
+Every mutation is atomic: it computes the new tiling first and swaps it in only when legal, so a raised
+:class:`IllegalActionError` or :class:`BudgetError` leaves the WC exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from megacontext.allocator import AllocatorConfig, StepTelemetry, allocate
+from megacontext.config import Config, check
+from megacontext.spans import BLOCK, MAX_LEVEL, cost_tensor
+from megacontext.wc_materialize import Materialized, materialize_tiling
+from megacontext.wc_tiling import (
+    ACTION_COST,
+    BudgetError,
+    EntryState,
+    IllegalActionError,
+    InvariantError,
+    WorkingContextError,
+    apply_actions,
+    check_tiling,
+    collapse_by_recency,
+    entry_bounds,
+    first_protected_block,
+    sibling_runs,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BudgetError", "HistorySource", "IllegalActionError", "InvariantError", "Materialized", "WorkingContext",
+    "WorkingContextConfig", "WorkingContextError", "check_invariants",
+]
+
+
+@dataclass
+class WorkingContextConfig(Config):
+    w_max: int = 1024  # slot budget of the base model's input
+    recent_raw: int = 128  # the most recent tokens are always raw (their blocks stay LOD0)
+    position_mode: Literal["absolute", "compact"] = "absolute"  # see wc_materialize
+
+    def __post_init__(self):
+        check(self.recent_raw >= 0, f"recent_raw={self.recent_raw} must be >= 0")
+        # the protected recent tokens may start mid-block: up to 31 more raw tokens, plus room for a gist
+        floor = self.recent_raw + BLOCK
+        check(self.w_max >= floor, f"w_max={self.w_max} must be >= recent_raw + 32 = {floor} "
+                                   "(room for the protected recent blocks and at least one gist)")
+        check(self.position_mode in ("absolute", "compact"),
+              f"position_mode={self.position_mode!r}; expected 'absolute' or 'compact'")
+
+
+@runtime_checkable
+class HistorySource(Protocol):
+    """What materialisation reads: token ids and gists of the whole history (the MegaContext tree)."""
+
+    num_tokens: int
+
+    def tokens(self, start: int, end: int) -> Tensor:  # LongTensor [end - start]
+        ...
+
+    def gather_gists(self, level: int, indices: Tensor) -> Tensor:  # [n] -> [n, d]
+        ...
+
+
+class WorkingContext:
+    """A working context over a history of ``num_tokens`` tokens. Entry ``e`` is addressed by its
+    position in time order; ``levels[e]``/``indices[e]`` give its LOD and index at that level."""
+
+    def __init__(self, cfg: WorkingContextConfig | None = None, device: torch.device | str | None = None):
+        self.cfg = cfg or WorkingContextConfig()
+        self.state = EntryState.empty(device)
+        self.num_tokens = 0
+        self.step = 0
+        self._cost: int | None = 0
+
+    @classmethod
+    def assemble(cls, num_tokens: int, cfg: WorkingContextConfig | None = None,
+                 device: torch.device | str | None = None) -> WorkingContext:
+        """Initial assembly by recency: newest raw, older LOD1, oldest LOD2, filling but never exceeding w_max."""
+        wc = cls(cfg, device)
+        wc.sync(num_tokens)
+        return wc
+
+    # ------------------------------------------------------------------ views
+    @property
+    def levels(self) -> Tensor:
+        return self.state.levels
+
+    @property
+    def indices(self) -> Tensor:
+        return self.state.indices
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.levels.device
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_tokens // BLOCK
+
+    @property
+    def tail_len(self) -> int:
+        return self.num_tokens % BLOCK
+
+    @property
+    def protected_from(self) -> int:
+        """First block that must stay LOD0."""
+        return first_protected_block(self.num_tokens, self.cfg.recent_raw)
+
+    @property
+    def cost(self) -> int:
+        """Slots the base model reads: 32 per LOD0 block, 1 per gist, plus the raw tail."""
+        if self._cost is None:
+            self._cost = int(cost_tensor(self.levels).sum()) + self.tail_len
+        return self._cost
+
+    def spans(self) -> tuple[Tensor, Tensor]:
+        """Token spans [start, end) of every entry, two [E] tensors."""
+        return entry_bounds(self.levels, self.indices)
+
+    def clone(self) -> WorkingContext:
+        wc = WorkingContext(self.cfg, self.device)
+        wc.state, wc.num_tokens, wc.step, wc._cost = self.state, self.num_tokens, self.step, self._cost
+        return wc  # EntryState tensors are never mutated in place, so sharing them is safe
+
+    def __repr__(self) -> str:
+        counts = torch.bincount(self.levels, minlength=MAX_LEVEL + 1).tolist()
+        return (f"WorkingContext(tokens={self.num_tokens}, entries={len(self)} (LOD0/1/2={counts}), "
+                f"tail={self.tail_len}, cost={self.cost}/{self.cfg.w_max}, step={self.step})")
+
+    def _swap(self, state: EntryState, num_tokens: int | None = None) -> None:
+        self.state = state
+        if num_tokens is not None:
+            self.num_tokens = num_tokens
+        self._cost = None
+
+    # ------------------------------------------------------------------ recency policy
+    def sync(self, num_tokens: int) -> None:
+        """Bring the WC up to a history of ``num_tokens`` tokens: new complete blocks enter as LOD0, the tail
+        grows, and if the budget breaks, room is made by recency (see ``collapse_by_recency``)."""
+        if num_tokens < self.num_tokens:
+            raise WorkingContextError(f"num_tokens={num_tokens} is shorter than the history already held "
+                                      f"({self.num_tokens}); histories only grow")
+        old_blocks, new_blocks = self.num_blocks, num_tokens // BLOCK
+        state = self.state
+        if new_blocks > old_blocks:
+            fresh = torch.arange(old_blocks, new_blocks, device=self.device)
+            zeros = torch.zeros_like(fresh)
+            state = state.cat(EntryState(zeros, fresh, torch.full_like(fresh, self.step), zeros.clone()))
+        grown = self.cost + (num_tokens - self.num_tokens)  # new LOD0 blocks and tail cost one slot per token
+        if grown > self.cfg.w_max:
+            # raises BudgetError before any change when even the coarsest tiling cannot fit
+            state = collapse_by_recency(state, num_tokens, self.cfg.recent_raw, self.cfg.w_max, self.step)
+        self._swap(state, num_tokens)
+        if grown <= self.cfg.w_max:
+            self._cost = grown
+
+    # ------------------------------------------------------------------ explicit actions
+    def _entry(self, entry: int) -> tuple[int, int]:
+        if not -len(self) <= entry < len(self):
+            raise IllegalActionError(f"entry={entry} is out of range; the WC has {len(self)} entries")
+        entry %= len(self)
+        return entry, int(self.levels[entry])
+
+    def expand(self, entry: int) -> None:
+        """LOD2 -> its 32 LOD1 children, LOD1 -> its 32 raw tokens. Raises IllegalActionError on LOD0 or when
+        the budget cannot take the extra 31 slots."""
+        e, lvl = self._entry(entry)
+        if lvl == 0:
+            raise IllegalActionError(f"entry {e} is an LOD0 block (index {int(self.indices[e])}); it has no "
+                                     "finer level to expand to")
+        if self.cost + ACTION_COST > self.cfg.w_max:
+            raise IllegalActionError(f"expanding entry {e} needs {ACTION_COST} more slots: cost would be "
+                                     f"{self.cost + ACTION_COST} > w_max={self.cfg.w_max}; collapse something first")
+        mask = torch.zeros(len(self), dtype=torch.bool, device=self.device)
+        mask[e] = True
+        self._swap(apply_actions(self.state, mask, torch.zeros_like(mask), self.step))
+
+    def collapse(self, entry: int) -> None:
+        """LOD0 block -> its LOD1 gist; an LOD1 gist -> its LOD2 parent, which needs all 32 siblings present
+        as LOD1 entries (``entry`` may name any of them). Protected recent blocks never collapse."""
+        e, lvl = self._entry(entry)
+        idx = int(self.indices[e])
+        if lvl == MAX_LEVEL:
+            raise IllegalActionError(f"entry {e} is an LOD2 gist (index {idx}); there is no coarser level")
+        fp = self.protected_from
+        if lvl == 0:
+            if idx >= fp:
+                raise IllegalActionError(f"entry {e} (block {idx}) is inside the protected recent "
+                                         f"{self.cfg.recent_raw} tokens (blocks >= {fp}); it must stay raw")
+            start = e
+        else:
+            start = e - idx % BLOCK
+            if start < 0 or not bool(sibling_runs(self.levels, self.indices, fp)[start]):
+                raise IllegalActionError(
+                    f"entry {e} (LOD1 index {idx}) cannot collapse: its parent LOD2 {idx // BLOCK} needs all 32 "
+                    f"sibling blocks {idx - idx % BLOCK}..{idx - idx % BLOCK + BLOCK - 1} present as LOD1 and "
+                    f"below the protected blocks (>= {fp})")
+        mask = torch.zeros(len(self), dtype=torch.bool, device=self.device)
+        mask[start] = True
+        self._swap(apply_actions(self.state, torch.zeros_like(mask), mask, self.step))
+
+    # ------------------------------------------------------------------ focus
+    def refocus(self, scores: Tensor, allocator_cfg: AllocatorConfig | None = None) -> StepTelemetry:
+        """One allocator step from LensNet scores [E] (positive = expand); advances the step counter."""
+        new, tel = allocate(scores, self.state, w_max=self.cfg.w_max, tail_cost=self.tail_len,
+                            protected_from=self.protected_from, step=self.step, cfg=allocator_cfg or AllocatorConfig())
+        self._swap(new)
+        self.step += 1
+        return tel
+
+    # ------------------------------------------------------------------ model input
+    def materialize(self, source: HistorySource, embed: Callable[[Tensor], Tensor]) -> Materialized:
+        """inputs_embeds [T, d], position_ids [T] and the entry <-> slot map (see wc_materialize)."""
+        return materialize_tiling(self.levels, self.indices, self.num_tokens, source, embed,
+                                  self.cfg.position_mode)
+
+
+def check_invariants(wc: WorkingContext) -> None:
+    """Raise :class:`InvariantError` naming the first broken tiling invariant of ``wc``."""
+    check_tiling(wc.state, wc.num_tokens, wc.cfg.recent_raw, wc.cfg.w_max)
+    if wc._cost is not None and wc._cost != int(cost_tensor(wc.levels).sum()) + wc.tail_len:
+        raise InvariantError(f"cached cost {wc._cost} disagrees with the tiling")
