@@ -1,0 +1,108 @@
+"""The read API a Working Context uses as its history source, and an in-memory implementation of it.
+
+Both :class:`megacontext.tree.store.MegaContextTree` (on disk) and :class:`InMemoryHistory` (RAM, for
+training and tests) satisfy :class:`HistorySource`. Invariants shared by every implementation:
+
+- ``num_entries(0) == num_entries(1) == num_tokens // 32`` and ``num_entries(2) == num_tokens // 1024``;
+  the ``num_tokens % 32`` tokens after the last complete block form the tail (``tail_tokens()``), which has
+  no gist yet.
+- ``tokens`` returns int64 ids; ``gists`` returns ``[n, d]`` in the history's gist dtype on CPU.
+- LOD2 gists are computed from LOD1 gists *as stored* (after rounding to the gist dtype), so a history
+  rebuilt from its tokens reproduces its gists bit for bit whatever the batching.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from megacontext.spans import BLOCK, MAX_LEVEL, complete_entries
+from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
+from megacontext.tree.format import DTYPES, GIST_DTYPES
+
+
+def check_range(what: str, start: int, end: int, limit: int) -> None:
+    if not 0 <= start <= end <= limit:
+        raise IndexError(f"{what} range [{start}, {end}) is outside [0, {limit})")
+
+
+def check_level(level: int) -> None:
+    if not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"level={level} is out of range; expected 0..{MAX_LEVEL}")
+
+
+def gist_torch_dtype(name: str) -> torch.dtype:
+    if name not in GIST_DTYPES:
+        raise ValueError(f"gist_dtype={name!r}; expected one of {GIST_DTYPES}")
+    return DTYPES[name][2]
+
+
+@runtime_checkable
+class HistorySource(Protocol):
+    fingerprint: str
+    d_model: int
+    compressor_version: str
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def tokens(self, start: int, end: int) -> Tensor:
+        """Token ids of span [start, end) -> int64 [end - start]."""
+        ...
+
+    def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
+        """Gists (level 1 or 2) with indices [start_index, end_index) -> [n, d]."""
+        ...
+
+    def num_entries(self, level: int) -> int: ...
+
+    def tail_tokens(self) -> Tensor: ...
+
+
+class InMemoryHistory:
+    """A whole token history with its gists precomputed in RAM (batched compressor calls, no grad)."""
+
+    def __init__(self, tokens: Tensor, compressor: Compressor, fingerprint: str = "",
+                 gist_dtype: str = "float16", batch_blocks: int = 4096):
+        tokens = torch.as_tensor(tokens).reshape(-1).long().cpu()
+        if batch_blocks <= 0:
+            raise ValueError(f"batch_blocks={batch_blocks}; expected a positive int")
+        self._tokens = tokens
+        self.fingerprint = fingerprint
+        self.d_model = int(compressor.d_model)
+        self.compressor_version = compressor.version
+        self.gist_dtype = gist_dtype
+        dt = gist_torch_dtype(gist_dtype)
+        n1 = complete_entries(tokens.numel(), 1)
+        blocks = tokens[: n1 * BLOCK].view(n1, BLOCK)  # [n1, 32]
+        lod1 = [gists_of_blocks(compressor, blocks[i:i + batch_blocks]).to(dt) for i in range(0, n1, batch_blocks)]
+        self._lod1 = torch.cat(lod1) if lod1 else torch.empty(0, self.d_model, dtype=dt)  # [n1, d]
+        n2 = complete_entries(tokens.numel(), 2)
+        step = max(batch_blocks // BLOCK, 1) * BLOCK
+        lod2 = [gists_of_groups(compressor, self._lod1[i:min(i + step, n2 * BLOCK)]).to(dt)
+                for i in range(0, n2 * BLOCK, step)]
+        self._lod2 = torch.cat(lod2) if lod2 else torch.empty(0, self.d_model, dtype=dt)  # [n2, d]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._tokens.numel()
+
+    def num_entries(self, level: int) -> int:
+        check_level(level)
+        return complete_entries(self.num_tokens, level)
+
+    def tokens(self, start: int, end: int) -> Tensor:
+        check_range("token", start, end, self.num_tokens)
+        return self._tokens[start:end].clone()
+
+    def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
+        if level not in (1, 2):
+            raise ValueError(f"level={level}; gists exist at levels 1 and 2")
+        store = self._lod1 if level == 1 else self._lod2
+        check_range(f"LOD{level} gist", start_index, end_index, store.shape[0])
+        return store[start_index:end_index].clone()
+
+    def tail_tokens(self) -> Tensor:
+        return self._tokens[self.num_entries(1) * BLOCK:].clone()
