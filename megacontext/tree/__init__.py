@@ -10,7 +10,8 @@
 from megacontext.tree.compressor import Compressor, MeanPoolCompressor
 from megacontext.tree.format import TreeFormatError
 from megacontext.tree.history import HistorySource, InMemoryHistory
-from megacontext.tree.store import MegaContextTree, StoreBusyError, StoreMismatchError, TreeConfig
+from megacontext.tree.layout import StoreBusyError, StoreMismatchError
+from megacontext.tree.store import MegaContextTree, TreeConfig
 
 __all__ = [
     "Compressor", "HistorySource", "InMemoryHistory", "MeanPoolCompressor", "MegaContextTree", "StoreBusyError",

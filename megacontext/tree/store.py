@@ -2,7 +2,8 @@
 
 Layout of a store directory: ``LOD0.ctx`` (32 int32 token ids per row), ``LOD1.ctx`` (one gist per block),
 ``LOD2.ctx`` (one gist per 32 LOD1 gists), ``meta.json`` (summary + the partial tail) and ``LOCK``.
-See :mod:`megacontext.tree.format` for the level-file layout.
+See :mod:`megacontext.tree.format` for the level-file layout and :mod:`megacontext.tree.layout` for the
+directory, ``meta.json`` and the cross-file checks made on open.
 
 Invariants
 - Committed state: ``LOD1.count == LOD0.count`` and ``LOD2.count == LOD0.count // 32``; every gist is
@@ -22,11 +23,8 @@ Invariants
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +38,19 @@ from megacontext.spans import BLOCK, complete_entries
 from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
 from megacontext.tree.format import GIST_DTYPES, TOKEN_DTYPE, Header, TreeFormatError
 from megacontext.tree.history import check_level, check_range, gist_torch_dtype
+from megacontext.tree.layout import (
+    LEVEL_FILES,
+    lock,
+    open_gist_files,
+    read_meta,
+    reconcile,
+    unlock,
+    write_meta,
+)
 from megacontext.tree.level_file import LevelFile, fsync_dir
 
 log = logging.getLogger(__name__)
 
-LEVEL_FILES = ("LOD0.ctx", "LOD1.ctx", "LOD2.ctx")
-META = "meta.json"
-LOCK = "LOCK"
-META_VERSION = 1
 _MAX_TOKEN_ID = 2**31 - 1
 
 
@@ -61,14 +64,6 @@ class TreeConfig(Config):
         check(self.gist_dtype in GIST_DTYPES, f"gist_dtype={self.gist_dtype!r}; expected one of {GIST_DTYPES}")
         check(self.batch_blocks > 0 and self.batch_blocks % BLOCK == 0,
               f"batch_blocks={self.batch_blocks}; expected a positive multiple of {BLOCK}")
-
-
-class StoreMismatchError(TreeFormatError):
-    """A sound store made for another base model or compressor; reopen with ``rebuild=True`` to convert it."""
-
-
-class StoreBusyError(RuntimeError):
-    """Another process has the store open for writing."""
 
 
 def _to_rows(gists: Tensor) -> np.ndarray:
@@ -113,7 +108,7 @@ class MegaContextTree:
         root.mkdir(parents=True, exist_ok=True)
         headers = [Header(0, d_model, TOKEN_DTYPE, 0, fingerprint, "")]
         headers += [Header(lv, d_model, gist_dtype, 0, fingerprint, compressor.version) for lv in (1, 2)]
-        tree = cls(root, [], compressor, config, np.zeros(0, np.int32), _lock(root))
+        tree = cls(root, [], compressor, config, np.zeros(0, np.int32), lock(root))
         try:
             for name, h in zip(LEVEL_FILES, headers, strict=True):
                 tree._files.append(LevelFile.create(root / name, h, config.durable))
@@ -134,19 +129,19 @@ class MegaContextTree:
         gets LOD1/LOD2 recomputed from LOD0; a matching store is opened as is."""
         config = config or TreeConfig()
         root = Path(path)
-        meta = _read_meta(root)
+        meta = read_meta(root)
         if rebuild and (readonly or compressor is None):
             raise ValueError("rebuild=True needs a writable open and a compressor")
         if not readonly and compressor is None:
             raise ValueError("opening for writing needs a compressor (pass readonly=True to only read)")
-        lock_fd = None if readonly else _lock(root)
+        lock_fd = None if readonly else lock(root)
         files: list[LevelFile] = []
         try:
             lod0 = LevelFile.open(root / LEVEL_FILES[0], 0, not readonly, config.durable)
             files.append(lod0)
             try:
-                files += _open_gist_files(root, lod0, compressor, fingerprint, readonly, config.durable)
-                _reconcile(files)
+                files += open_gist_files(root, lod0, compressor, fingerprint, readonly, config.durable)
+                reconcile(files)
                 stale = False
             except TreeFormatError as e:  # mismatch or damaged gists: fatal unless rebuilding
                 if not rebuild:
@@ -159,7 +154,7 @@ class MegaContextTree:
         except BaseException:
             for f in files:
                 f.close()
-            _unlock(lock_fd)
+            unlock(lock_fd)
             raise
         n0 = lod0.count
         tail = np.asarray(meta.get("tail", []), np.int32) if meta.get("num_blocks") == n0 else np.zeros(0, np.int32)
@@ -281,23 +276,12 @@ class MegaContextTree:
 
     def _write_meta(self) -> None:
         lod0, lod1 = self._files[0], self._files[1]
-        meta = {
-            "format_version": META_VERSION, "block_size": BLOCK, "d_model": self.d_model,
-            "gist_dtype": lod1.header.dtype, "fingerprint": lod0.header.fingerprint,
+        write_meta(self.root, {
+            "d_model": self.d_model, "gist_dtype": lod1.header.dtype, "fingerprint": lod0.header.fingerprint,
             "compressor_version": lod1.header.compressor_version, "num_blocks": lod0.count,
             # the tail only follows the committed blocks when nothing is pending between them
             "tail": self._tail.tolist() if not self._pending_blocks else [],
-        }
-        meta["checksum"] = _meta_checksum(meta)
-        tmp = self.root / (META + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh, indent=1)
-            if self.config.durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, self.root / META)
-        if self.config.durable:
-            fsync_dir(self.root)
+        }, self.config.durable)
 
     def close(self) -> None:
         if not self._files:
@@ -307,7 +291,7 @@ class MegaContextTree:
         for f in self._files:
             f.close()
         self._files = []
-        _unlock(self._lock_fd)
+        unlock(self._lock_fd)
         self._lock_fd = None
 
     def abort(self) -> None:
@@ -315,7 +299,7 @@ class MegaContextTree:
         for f in self._files:
             f.close()
         self._files, self._pending, self._pending_blocks = [], [], 0
-        _unlock(self._lock_fd)
+        unlock(self._lock_fd)
         self._lock_fd = None
 
     def __enter__(self) -> MegaContextTree:
@@ -385,90 +369,3 @@ class MegaContextTree:
 
     def tail_tokens(self) -> Tensor:
         return torch.from_numpy(self._tail.copy()).long()
-
-
-# ---------------------------------------------------------------------- helpers of open()
-def _open_gist_files(root: Path, lod0: LevelFile, compressor: Compressor | None, fingerprint: str | None,
-                     readonly: bool, durable: bool) -> list[LevelFile]:
-    if fingerprint is not None and lod0.header.fingerprint != fingerprint:
-        raise StoreMismatchError(lod0.path, "fingerprint",
-                                 f"store made for base model {lod0.header.fingerprint!r}, the loaded base model is "
-                                 f"{fingerprint!r}; open with rebuild=True to recompute its gists")
-    if compressor is not None and compressor.d_model != lod0.header.dim:
-        raise StoreMismatchError(lod0.path, "dim", f"store d_model={lod0.header.dim}, compressor d_model="
-                                 f"{compressor.d_model}; open with rebuild=True to recompute its gists")
-    out: list[LevelFile] = []
-    try:
-        for lv in (1, 2):
-            f = LevelFile.open(root / LEVEL_FILES[lv], lv, not readonly, durable)
-            out.append(f)
-            h, h0 = f.header, lod0.header
-            if h.dim != h0.dim:
-                raise TreeFormatError(f.path, "dim", f"{h.dim}; LOD0 of this store says {h0.dim}")
-            if h.fingerprint != h0.fingerprint:
-                raise TreeFormatError(f.path, "fingerprint", f"{h.fingerprint!r}; LOD0 says {h0.fingerprint!r}")
-            if lv == 2 and (h.dtype, h.compressor_version) != (out[0].header.dtype, out[0].header.compressor_version):
-                raise TreeFormatError(f.path, "compressor_version", f"{h.compressor_version!r} ({h.dtype}) differs "
-                                      f"from LOD1's {out[0].header.compressor_version!r} ({out[0].header.dtype}); "
-                                      "an interrupted rebuild: open with rebuild=True")
-            if compressor is not None and h.compressor_version != compressor.version:
-                raise StoreMismatchError(f.path, "compressor_version",
-                                         f"gists made by {h.compressor_version!r}, compressor is "
-                                         f"{compressor.version!r}; open with rebuild=True to recompute them")
-    except BaseException:
-        for f in out:
-            f.close()
-        raise
-    return out
-
-
-def _reconcile(files: list[LevelFile]) -> None:
-    """Trim gist rows published by a commit whose LOD0 count never was; refuse gists that are missing."""
-    n0 = files[0].count
-    for f, need in ((files[1], n0), (files[2], n0 // BLOCK)):
-        if f.count < need:
-            raise TreeFormatError(f.path, "entry_count", f"{f.count} gists but LOD0 commits {n0} blocks, "
-                                  f"which need {need}; open with rebuild=True")
-        if f.count > need:
-            log.info("%s: dropping %d gists of an interrupted commit", f.path, f.count - need)
-            f.trim(need)
-
-
-def _meta_checksum(meta: dict) -> int:
-    """CRC-32 of the canonical JSON of every field but the checksum: a damaged tail must not be read as tokens."""
-    body = {k: v for k, v in meta.items() if k != "checksum"}
-    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
-
-
-def _read_meta(root: Path) -> dict:
-    path = root / META
-    if not path.is_file():
-        raise TreeFormatError(path, "file", f"missing; {root} is not a MegaContext store")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TreeFormatError(path, "json", str(e)) from e
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != META_VERSION:
-        raise TreeFormatError(path, "format_version", f"{version!r}; expected {META_VERSION}")
-    if meta.get("checksum") != _meta_checksum(meta):
-        raise TreeFormatError(path, "checksum", f"stored {meta.get('checksum')!r} != computed {_meta_checksum(meta)}")
-    tail = meta.get("tail", [])
-    if not isinstance(tail, list) or len(tail) >= BLOCK or not all(isinstance(t, int) and t >= 0 for t in tail):
-        raise TreeFormatError(path, "tail", f"expected a list of < {BLOCK} token ids, got {str(tail)[:80]}")
-    return meta
-
-
-def _lock(root: Path) -> int:
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        os.close(fd)
-        raise StoreBusyError(f"{root} is open for writing by another process (lock {root / LOCK})") from e
-    return fd
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock

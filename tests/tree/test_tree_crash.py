@@ -21,7 +21,8 @@ import torch
 
 from megacontext.tree import InMemoryHistory, MegaContextTree, TreeFormatError
 from megacontext.tree.format import HEADER_SIZE, field_at
-from megacontext.tree.store import LEVEL_FILES, META, TreeConfig
+from megacontext.tree.layout import LEVEL_FILES, META
+from megacontext.tree.store import TreeConfig
 from tests.tree.tree_helpers import FP, make_compressor, new_tree, stream
 
 N_TOKENS = 2 * 1024 + 3 * 32 + 7  # two LOD2 groups, three more blocks, a 7-token tail

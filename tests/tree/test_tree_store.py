@@ -22,7 +22,7 @@ from megacontext.tree import (
     StoreMismatchError,
     TreeFormatError,
 )
-from megacontext.tree.store import LEVEL_FILES, META
+from megacontext.tree.layout import LEVEL_FILES, META
 from tests.tree.tree_helpers import FP, CountingCompressor, make_compressor, new_tree, stream
 
 
