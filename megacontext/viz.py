@@ -153,8 +153,8 @@ table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:2px 8px;font-
 
 def render_log(log_path: str | Path, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
     """Read a telemetry JSONL and write ``focus_map.png`` + ``focus_map.html`` into ``out_dir``."""
-    steps, summary = read_jsonl(log_path)
-    summary = summary or summarise(steps)
+    steps, _ = read_jsonl(log_path)
+    summary = summarise(steps)  # over every session appended to the log, not just the last one
     out_dir = Path(out_dir)
     title = title or f"MegaContext focus map ({Path(log_path).name})"
     return {"png": render_png(steps, out_dir / "focus_map.png", summary, title),

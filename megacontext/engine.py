@@ -1,0 +1,331 @@
+"""The runtime loop: stream tokens into the tree, refocus the working context every K tokens, let the
+frozen base model read it (to score text or to generate).
+
+One step of the stream (``_advance``) is: append up to K tokens to the history (the tree gists completed
+blocks in batches) -> ``wc.sync`` (new tokens enter raw; the recency rule collapses the oldest detail
+if the budget breaks) -> optionally one base forward over the WC, whose last K slots are the new tokens
+(this is :meth:`Engine.score`: NLL of a chunk from one forward, conditioned on the WC of everything
+before it) -> at every multiple of K tokens a *refocus*: the focus policy scores the entries, the
+allocator turns scores into expand/collapse actions, a telemetry record is written.
+
+Invariants
+- The policy only ever sees the history up to the current step, so scores (and therefore the WC the
+  base reads) never depend on tokens that have not been streamed yet: ``score`` is causal.
+- The base never reads more than ``w_max`` slots (asserted on every materialisation); in ``debug`` mode
+  the full tiling invariants are checked after every change.
+- Generation keeps a KV cache of the slots it has read, keyed by what each slot holds (a raw token's
+  absolute index, or a gist's level and index); after any change of the WC it crops the cache to the
+  common prefix and re-prefills from the first changed slot only. With ``cache_reuse=False`` every step
+  re-reads the whole WC, which must produce the same tokens (tested).
+
+Design choices
+- ``score`` uses the WC *after* the chunk's sync, so the chunk's own tokens are part of the budget and the
+  base reads at most ``w_max`` slots; ``wc.recent_raw >= k`` keeps the whole chunk and the token before it
+  raw. With a budget that holds everything, this is exactly the base model's own NLL (parity test).
+- After a prompt, ``query_rounds`` extra allocator steps run with the prompt as the query, because one
+  step moves an entry by one level and an LOD2 region needs two steps to reach raw tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from megacontext.allocator import AllocatorConfig
+from megacontext.base import FrozenBase
+from megacontext.config import Config, check
+from megacontext.focus import FocusPolicy, FocusState, make_policy
+from megacontext.sampling import SamplingConfig, choose_token, make_generator
+from megacontext.spans import BLOCK
+from megacontext.telemetry import StageTimer, StepRecord, Telemetry, lod_map
+from megacontext.wc_materialize import TAIL_SLOT, Materialized
+from megacontext.wc_tiling import ACTION_COST
+from megacontext.working_context import WorkingContext, WorkingContextConfig, check_invariants
+
+log = logging.getLogger(__name__)
+
+_GIST_KEY = 1 << 40  # slot keys: raw token -> its absolute index; gist -> level * 2^40 + index
+
+
+@dataclass
+class EngineConfig(Config):
+    wc: WorkingContextConfig = field(default_factory=WorkingContextConfig)
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
+    k: int = 32  # tokens between refocus steps
+    focus: str = "recency"  # focus policy name (recency | lexical | a name registered by lensnet)
+    query_rounds: int = 2  # extra allocator steps after a prompt, with the prompt as the query
+    cache_reuse: bool = True  # generation: crop the KV cache to the unchanged WC prefix instead of re-reading
+    debug: bool = False  # check every tiling invariant after every WC change
+
+    def __post_init__(self):
+        check(self.k >= 1, f"k={self.k} must be >= 1")
+        check(self.query_rounds >= 0, f"query_rounds={self.query_rounds} must be >= 0")
+        check(self.wc.recent_raw >= self.k, f"wc.recent_raw={self.wc.recent_raw} must be >= k={self.k}: score() "
+                                            "reads each chunk raw, and a chunk is the most recent k tokens")
+
+
+@dataclass
+class ScoreResult:
+    token_ids: Tensor  # [n] int64
+    nll: Tensor  # [n] float32 nats; NaN for a first token with no history to predict it from
+
+    @property
+    def mean_nll(self) -> float:
+        v = self.nll[~self.nll.isnan()]
+        return float(v.mean()) if v.numel() else float("nan")
+
+
+class GatherView:
+    """Adapts a history with ``gists(level, start, end)`` to the WC's ``gather_gists(level, indices)``.
+
+    Reads the covering index range once and selects, so a refocus costs one read per level."""
+
+    def __init__(self, source):
+        self.source = source
+
+    @property
+    def num_tokens(self) -> int:
+        return self.source.num_tokens
+
+    def tokens(self, start: int, end: int) -> Tensor:
+        return self.source.tokens(start, end)
+
+    def gather_gists(self, level: int, indices: Tensor) -> Tensor:
+        if hasattr(self.source, "gather_gists"):
+            return self.source.gather_gists(level, indices)
+        idx = indices.cpu()
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        return self.source.gists(level, lo, hi)[idx - lo]  # [n, d]
+
+
+def slot_keys(m: Materialized, levels: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
+    """What each slot holds, as an int64 key [T] (see ``_GIST_KEY``); equal keys mean equal KV inputs."""
+    dev = m.slot_entry.device
+    t = m.slot_entry.shape[0]
+    s = torch.arange(t, device=dev)
+    lv = torch.cat([levels.to(dev), levels.new_zeros(1).to(dev)])  # a dummy entry for tail slots
+    ix = torch.cat([indices.to(dev), indices.new_zeros(1).to(dev)])
+    first = torch.cat([m.entry_first_slot, m.entry_first_slot.new_zeros(1)])
+    tail = m.slot_entry == TAIL_SLOT
+    e = torch.where(tail, lv.shape[0] - 1, m.slot_entry)
+    entry_key = torch.where(lv[e] == 0, ix[e] * BLOCK + (s - first[e]), lv[e] * _GIST_KEY + ix[e])
+    tail_len = int(tail.sum())
+    tail_key = num_tokens - tail_len + (s - (t - tail_len))
+    return torch.where(tail, tail_key, entry_key)
+
+
+def common_prefix(a: Tensor, b: Tensor) -> int:
+    n = min(a.shape[0], b.shape[0])
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if diff.numel() else n
+
+
+class Engine:
+    """Streams tokens through a history (tree), a working context and a frozen base model."""
+
+    def __init__(self, base: FrozenBase, source, cfg: EngineConfig | None = None, policy: FocusPolicy | None = None,
+                 wc: WorkingContext | None = None, telemetry: Telemetry | None = None, step: int = 0):
+        self.base = base
+        self.source = source
+        self.view = GatherView(source)
+        self.cfg = cfg or EngineConfig()
+        self.policy = policy or make_policy(self.cfg.focus)
+        self.wc = wc or WorkingContext(self.cfg.wc)
+        if self.wc.num_tokens != source.num_tokens:
+            self.wc.sync(source.num_tokens)
+        self.telemetry = telemetry or Telemetry()
+        self.timer = StageTimer(sync=base.device.type == "cuda")
+        self.step = step
+        self._pending_actions = [0, 0]  # (expands, collapses) since the last record
+
+    # ------------------------------------------------------------------ stream
+    @property
+    def num_tokens(self) -> int:
+        return self.source.num_tokens
+
+    def _sync(self, num_tokens: int) -> bool:
+        """wc.sync, counting recency collapses. Returns True when the tiling changed beyond new tokens."""
+        before = self.wc.cost
+        added = num_tokens - self.wc.num_tokens
+        self.wc.sync(num_tokens)
+        collapsed = (before + added - self.wc.cost) // ACTION_COST
+        self._pending_actions[1] += collapsed
+        if self.cfg.debug:
+            check_invariants(self.wc)
+        return collapsed > 0
+
+    def _append(self, ids: Tensor) -> None:
+        with self.timer.stage("gist"):  # the tree compresses completed batches inside append
+            self.source.append(ids.cpu())
+
+    def materialize(self) -> Materialized:
+        m = self.wc.materialize(self.view, self.base.embed)
+        if m.inputs_embeds.shape[0] > self.cfg.wc.w_max:
+            raise AssertionError(f"working context materialised {m.inputs_embeds.shape[0]} slots > "
+                                 f"w_max={self.cfg.wc.w_max}")
+        return m
+
+    def _advance(self, chunk: Tensor, phase: str, want_nll: bool) -> Tensor | None:
+        """Append one chunk (<= k tokens, not crossing a multiple of k), sync, optionally score it."""
+        n0 = self.num_tokens
+        self._append(chunk)
+        self._sync(n0 + chunk.numel())
+        nll = None
+        if want_nll:
+            with torch.no_grad(), self.timer.stage("prefill"):
+                m = self.materialize()
+                c = chunk.numel()
+                keep = c + 1 if n0 > 0 else c
+                logits = self.base.forward(m.inputs_embeds[None], m.position_ids[None], logits_to_keep=keep).logits
+                pred = logits[0, :-1].float()  # [c, V] (c - 1 when there is no history to predict chunk[0])
+                targets = chunk[chunk.numel() - pred.shape[0]:].to(pred.device)
+                got = torch.nn.functional.cross_entropy(pred, targets, reduction="none").cpu()
+                nll = got if n0 > 0 else torch.cat([torch.full((1,), float("nan")), got])
+        if self.num_tokens % self.cfg.k == 0:
+            self.refocus(phase)
+        return nll
+
+    def _chunks(self, ids: Tensor) -> Iterator[Tensor]:
+        """Split ids so every chunk ends at a multiple of k of the absolute stream (or at the end)."""
+        pos, n = self.num_tokens, ids.numel()
+        i = 0
+        while i < n:
+            take = min(self.cfg.k - pos % self.cfg.k, n - i)
+            yield ids[i:i + take]
+            i += take
+            pos += take
+
+    def ingest(self, ids, phase: str = "ingest", progress: bool = False) -> None:
+        """Stream token ids into the memory (no base-model reads; the policy still refocuses every k)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=ids.numel(), unit="tok", desc=phase, disable=not progress)
+        for chunk in self._chunks(ids):
+            self._advance(chunk, phase, want_nll=False)
+            bar.update(chunk.numel())
+        bar.close()
+
+    def score(self, ids, progress: bool = False) -> ScoreResult:
+        """Streaming per-token NLL of ids under MegaContext; the ids are appended to the memory."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        from tqdm.auto import tqdm
+
+        parts = []
+        bar = tqdm(total=ids.numel(), unit="tok", desc="score", disable=not progress)
+        for chunk in self._chunks(ids):
+            parts.append(self._advance(chunk, "score", want_nll=True))
+            bar.update(chunk.numel())
+        bar.close()
+        nll = torch.cat(parts) if parts else torch.zeros(0)
+        return ScoreResult(ids, nll)
+
+    # ------------------------------------------------------------------ focus
+    def refocus(self, phase: str, query: Tensor | None = None) -> None:
+        """One policy + allocator step and its telemetry record."""
+        n = self.num_tokens
+        if query is None:
+            q = getattr(getattr(self.policy, "cfg", None), "query_tokens", 64)
+            query = self.source.tokens(max(n - q, 0), n) if n else torch.zeros(0, dtype=torch.long)
+        with self.timer.stage("lens"):
+            scores = self.policy.scores(self.wc, FocusState(self.view, n, query, phase))
+        if scores is not None and len(self.wc):
+            with self.timer.stage("allocate"):
+                tel = self.wc.refocus(scores, self.cfg.allocator)
+                self._pending_actions[0] += int(tel.n_expand)
+                self._pending_actions[1] += int(tel.n_collapse)
+            if self.cfg.debug:
+                check_invariants(self.wc)
+        self.step += 1
+        exp, col = self._pending_actions
+        self._pending_actions = [0, 0]
+        self.telemetry.log(StepRecord(
+            step=self.step, num_tokens=n, phase=phase, entries=len(self.wc), wc_cost=self.wc.cost,
+            w_max=self.cfg.wc.w_max, expands=exp, collapses=col,
+            lod_map=lod_map(self.wc.levels, self.wc.indices, n), latency_ms=self.timer.drain()))
+
+    def focus_on(self, query: Tensor, rounds: int | None = None, phase: str = "generate") -> None:
+        """Run ``rounds`` allocator steps with ``query`` (e.g. a prompt) as what is being read now."""
+        for _ in range(self.cfg.query_rounds if rounds is None else rounds):
+            self.refocus(phase, query=query)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_ids, sampling: SamplingConfig | None = None) -> Iterator[int]:
+        """Ingest the prompt, focus on it, then yield generated token ids one by one. Every generated
+        token is appended to the memory (the memory is the transcript)."""
+        cfg = sampling or SamplingConfig()
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+        self.ingest(prompt, phase="generate")
+        if prompt.numel():
+            self.focus_on(prompt)
+        if self.num_tokens == 0:
+            raise ValueError("generate() needs a non-empty prompt or memory to condition on")
+        stop = set(cfg.stop_tokens)
+        eos = getattr(self.base.tokenizer, "eos_token_id", None) if self.base.tokenizer is not None else None
+        if eos is not None:
+            stop.add(int(eos))
+        gen = make_generator(cfg.seed, self.base.device)
+        reader = _CachedReader(self)
+        logits = reader.logits(changed=True)
+        for i in range(cfg.max_new_tokens):
+            tok = int(choose_token(logits, cfg, gen))
+            n = self.num_tokens
+            self._append(torch.tensor([tok]))
+            changed = self._sync(n + 1)
+            if self.num_tokens % self.cfg.k == 0:
+                before = (self.wc.levels, self.wc.indices)
+                self.refocus("generate")
+                changed = changed or not (torch.equal(before[0], self.wc.levels)
+                                          and torch.equal(before[1], self.wc.indices))
+            yield tok
+            if tok in stop or i == cfg.max_new_tokens - 1:
+                break
+            logits = reader.logits(changed=changed, new_token=tok)
+
+
+class _CachedReader:
+    """The base model's view during generation: a KV cache over the WC's slots plus their keys."""
+
+    def __init__(self, engine: Engine):
+        self.e = engine
+        self.cache = None
+        self.keys: Tensor | None = None
+
+    def logits(self, changed: bool, new_token: int | None = None) -> Tensor:
+        """Next-token logits [V] for the current WC. ``changed=False`` promises that the WC only grew by
+        ``new_token`` since the last call, which allows the one-slot fast path."""
+        e = self.e
+        base = e.base
+        with torch.no_grad():
+            if e.cfg.cache_reuse and not changed and self.cache is not None and new_token is not None:
+                n = e.num_tokens
+                pos = n - 1 if e.cfg.wc.position_mode == "absolute" else self.keys.shape[0]
+                with e.timer.stage("decode"):
+                    out = base.forward(base.embed(torch.tensor([[new_token]])), torch.tensor([[pos]]),
+                                       past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self.cache = out.past_key_values
+                self.keys = torch.cat([self.keys, torch.tensor([n - 1])])
+                return out.logits[0, -1]
+            with e.timer.stage("prefill"):
+                m = e.materialize()
+                keys = slot_keys(m, e.wc.levels, e.wc.indices, e.num_tokens).cpu()
+                p = 0
+                if e.cfg.cache_reuse and self.cache is not None:
+                    p = min(common_prefix(self.keys, keys), keys.shape[0] - 1)  # re-read >= 1 slot for logits
+                    have = self.keys.shape[0]
+                    if p == 0:
+                        self.cache = None
+                    elif p < have:
+                        self.cache.crop(p - have)  # negative = drop that many: same meaning in transformers 4.x/5.x
+                else:
+                    self.cache = None
+                out = base.forward(m.inputs_embeds[p:][None], m.position_ids[p:][None], past_key_values=self.cache,
+                                   use_cache=True, logits_to_keep=1)
+                self.cache = out.past_key_values
+                self.keys = keys
+                log.debug("re-read %d of %d WC slots (reused %d)", keys.shape[0] - p, keys.shape[0], p)
+                return out.logits[0, -1]
