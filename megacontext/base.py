@@ -185,6 +185,12 @@ class FrozenBase:
         ``logits_to_keep=k`` returns only the last k positions' logits (saves the vocab projection)."""
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+        if attention_mask is None:
+            # Always pass a mask: without one, transformers >= 5 reads any position jump (a gist at its span
+            # centre, a gap) as the start of a new packed sequence and silently blocks attention across it.
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            attention_mask = torch.ones(inputs_embeds.shape[0], past + inputs_embeds.shape[1],
+                                        dtype=torch.long, device=self.device)
         kwargs = {}
         if past_key_values is not None:
             kwargs[self._cache_arg] = past_key_values
@@ -193,7 +199,7 @@ class FrozenBase:
         out = self.model(
             inputs_embeds=inputs_embeds.to(self.dtype),
             position_ids=position_ids.to(self.device),
-            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+            attention_mask=attention_mask.to(self.device),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             **kwargs,

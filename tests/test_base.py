@@ -57,6 +57,23 @@ def test_position_shift_invariance_and_sensitivity(tiny_model):
     assert (out[:, 12:] - ref[:, 12:]).abs().max() > 1e-3
 
 
+def test_position_jumps_do_not_split_attention(tiny_model):
+    """Gists sit at span centres, so positions jump; the adapter must not let the model treat a jump as
+    a packed-sequence boundary (transformers >= 5 does so when no mask is given)."""
+    base = FrozenBase(tiny_model)
+    ids = torch.randint(0, 128, (1, 20))
+    emb = base.embed(ids)
+    pos = torch.arange(20)
+    pos[10:] += 100
+    ones = torch.ones(1, 20, dtype=torch.long)
+    explicit = base.forward(emb, pos, attention_mask=ones).logits
+    torch.testing.assert_close(base.forward(emb, pos).logits, explicit, rtol=0, atol=0)
+    # and the second half really reads the first: changing an early token changes late logits
+    emb2 = emb.clone()
+    emb2[:, 0] += 1.0
+    assert (base.forward(emb2, pos).logits[:, 15:] - explicit[:, 15:]).abs().max() > 1e-4
+
+
 def test_backward_reaches_upstream_but_base_weights_stay_bit_identical(tiny_model):
     base = FrozenBase(tiny_model)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
