@@ -15,6 +15,8 @@ import sys
 # (group or "" for top level, module with register(subparsers))
 COMMANDS: list[tuple[str, str]] = [
     ("data", "megacontext.data.commands"),
+    ("train", "megacontext.lensnet.train_command"),
+    ("eval", "megacontext.lensnet.eval_command"),
 ]
 
 GROUPS = {
