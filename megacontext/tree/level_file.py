@@ -143,11 +143,16 @@ class LevelFile:
         self.header = header
 
     def trim(self, count: int) -> None:
-        """Drop committed rows past ``count`` (used when reconciling levels after an interrupted commit)."""
-        if count < self.count:
+        """Drop committed rows past ``count`` (reconciling levels after an interrupted commit). A read-only
+        handle only stops seeing them; the file is left for the next writer to repair."""
+        if count >= self.count:
+            return
+        if self.writable:
             self.write_header(self.header.with_count(count))
             os.ftruncate(self._fd, HEADER_SIZE + count * self.header.row_bytes)
-            self._map, self._mapped = None, 0
+        else:
+            self.header = self.header.with_count(count)
+        self._map, self._mapped = None, 0
 
     # ------------------------------------------------------------------ reading
     def read(self, start: int, end: int) -> np.ndarray:

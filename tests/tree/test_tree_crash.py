@@ -170,6 +170,8 @@ def test_fault_at_every_write_recovers_and_resumes(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "replace", inj.replace)
         if not (root / META).exists():  # killed inside create(): nothing was ever committed
             continue
+        with MegaContextTree.open(root, readonly=True) as r:  # a reader repairs nothing, yet reads right
+            assert_recovered(r, ids, ref_hist)
         t = MegaContextTree.open(root, make_compressor(), FP, config=TreeConfig(batch_blocks=32, durable=False))
         assert_recovered(t, ids, ref_hist)
         t.append(ids[t.num_tokens:])
