@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("data", "megacontext.data.commands"),
     ("train", "megacontext.lensnet.train_command"),
     ("eval", "megacontext.lensnet.eval_command"),
+    ("", "megacontext.bench.commands"),
 ]
 
 GROUPS = {

@@ -1,0 +1,13 @@
+"""Benchmark harness: compare MegaContext with baseline long-context systems at the same working budget.
+
+Layout (one concept per module):
+- :mod:`.system` — the ``System`` interface every contender implements, and ``ContextSystem`` for the
+  baselines that only decide *which tokens the base model sees* (a ``Selection``) before each scored chunk;
+- :mod:`.scoring` — batched, chunked NLL evaluation of a ``ContextSystem`` over many samples;
+- baseline families: :mod:`.truncation` (full attention, truncation), :mod:`.sinks`, :mod:`.retrieval`
+  (BM25), :mod:`.llmlingua_system`;
+- :mod:`.registry` — name -> system factory; the registration point for MegaContext systems;
+- :mod:`.tasks` (pure generators over token documents) and :mod:`.corpora` (reads prepared text into them);
+- :mod:`.flops` (analytic cost), :mod:`.harness` (runs and aggregates), :mod:`.report` (JSON, markdown, PNG),
+  :mod:`.commands` (``megacontext bench``).
+"""

@@ -1,0 +1,94 @@
+"""A benchmark suite: its typed config (``configs/bench_<suite>.yaml``) and the samples it asks for.
+
+Paths default to the developer layout (``../shared``); GPU runs point them at copies under ``carry/``
+(see ``benchmarks/run_suite.sh``). Every task is optional: ``tasks`` lists the ones to run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from megacontext.bench.system import Sample
+from megacontext.bench.tasks import TASKS, far_recall_samples, passkey_samples, perplexity_samples, qmsum_samples
+from megacontext.config import Config, check
+
+log = logging.getLogger(__name__)
+
+_DISTANCES = (4096, 8192, 16384, 32768, 65536, 98304)  # log-spaced, 4k..~100k as in the issue
+
+
+@dataclass
+class BenchConfig(Config):
+    name: str = "custom"
+    base_model: str = "models/base-llama-19m"
+    device: str = "auto"
+    dtype: str = "auto"
+    w_max: tuple[int, ...] = (1024, 2048)
+    chunk: int = 128
+    batch_tokens: int = 65536
+    systems: tuple[str, ...] = ("full", "truncation", "sinks", "bm25", "llmlingua")
+    system_options: dict = field(default_factory=dict)  # per system name: its config fields
+    tasks: tuple[str, ...] = TASKS
+    seed: int = 0
+    books_dir: str = "../shared/data/books/dev"
+    books_max_docs: int | None = None
+    ppl_max_tokens: int = 131072
+    code_root: str | None = None  # None: this interpreter's standard library
+    code_max_docs: int = 16
+    code_min_tokens: int = 8192
+    probe_docs_max_tokens: int = 131072  # haystack documents for far recall / passkey
+    far_recall_distances: tuple[int, ...] = _DISTANCES
+    passkey_distances: tuple[int, ...] = _DISTANCES
+    per_distance: int = 32
+    qmsum_paths: tuple[str, ...] = ("../shared/data/dialogue/qmsum/test",)
+    qmsum_max_meetings: int | None = None
+    qmsum_max_queries: int | None = None
+    position_buckets: tuple[int, ...] = (0, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+    n_boot: int = 2000
+    out_dir: str = "docs/results/bench"
+
+    def __post_init__(self):
+        check(len(self.w_max) > 0 and all(w >= 2 for w in self.w_max), f"w_max={self.w_max} must list budgets >= 2")
+        check(1 <= self.chunk < min(self.w_max), f"chunk={self.chunk} must be in [1, min(w_max)={min(self.w_max)})")
+        check(self.batch_tokens >= max(self.w_max),
+              f"batch_tokens={self.batch_tokens} must hold at least one row of max(w_max)={max(self.w_max)}")
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        check(not unknown, f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
+        check(len(self.systems) > 0, "systems must name at least one system")
+        check(isinstance(self.system_options, dict), f"system_options={self.system_options!r} must be a mapping")
+        check(list(self.position_buckets) == sorted(set(self.position_buckets)) and len(self.position_buckets) >= 2,
+              f"position_buckets={self.position_buckets} must be >= 2 strictly increasing edges")
+        check(self.per_distance >= 1, f"per_distance={self.per_distance} must be >= 1")
+        check(self.n_boot >= 1, f"n_boot={self.n_boot} must be >= 1")
+
+    def options_for(self, system: str) -> dict:
+        """Shared chunk/batch settings overlaid with the system's own options."""
+        return {"chunk": self.chunk, "batch_tokens": self.batch_tokens, **(self.system_options.get(system) or {})}
+
+
+def build_samples(cfg: BenchConfig, encode) -> dict[str, list[Sample]]:
+    """Read and tokenize the suite's inputs, then generate each requested task's samples."""
+    from megacontext.bench import corpora
+
+    out: dict[str, list[Sample]] = {}
+    books = None
+    if any(t in cfg.tasks for t in ("books_ppl", "far_recall", "passkey")):
+        cap = max(cfg.ppl_max_tokens, cfg.probe_docs_max_tokens)
+        books = corpora.load_books(cfg.books_dir, encode, cfg.books_max_docs, cap)
+    for task in cfg.tasks:
+        if task == "books_ppl":
+            out[task] = perplexity_samples(books, cfg.ppl_max_tokens, task)
+        elif task == "code_ppl":
+            code = corpora.load_code(encode, cfg.code_root, cfg.code_max_docs, cfg.code_min_tokens,
+                                     cfg.ppl_max_tokens)
+            out[task] = perplexity_samples(code, cfg.ppl_max_tokens, task)
+        elif task == "far_recall":
+            out[task] = far_recall_samples(books, cfg.far_recall_distances, cfg.per_distance, cfg.seed)
+        elif task == "passkey":
+            out[task] = passkey_samples(books, encode, cfg.passkey_distances, cfg.per_distance, cfg.seed + 1)
+        elif task == "qmsum":
+            meetings = corpora.load_meetings(list(cfg.qmsum_paths), cfg.qmsum_max_meetings)
+            out[task] = qmsum_samples(meetings, encode, cfg.qmsum_max_queries)
+        log.info("%s: %d samples, %d targets", task, len(out[task]), sum(s.n_targets for s in out[task]))
+    return out

@@ -1,0 +1,64 @@
+"""Chunked batched scoring: parity with one plain forward of the unmodified base, batching invariance."""
+
+from __future__ import annotations
+
+import torch
+
+from megacontext.bench.flops import FlopModel
+from megacontext.bench.sinks import AttentionSinks, SinksConfig
+from megacontext.bench.system import Sample
+from megacontext.bench.truncation import FullAttention, Truncation, WindowConfig
+
+
+def _samples(n=2, length=200, vocab=128):
+    g = torch.Generator().manual_seed(0)
+    return [Sample(f"s{i}", torch.randint(0, vocab, (length,), generator=g), 1, length) for i in range(n)]
+
+
+def _reference_nll(base, tokens):
+    with torch.no_grad():
+        logits = base.model(input_ids=tokens[None]).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, tokens[1:], reduction="none")
+
+
+def test_truncation_with_room_for_everything_equals_full_forward(tiny_base):
+    samples = _samples()
+    scores = Truncation(WindowConfig(chunk=48, batch_tokens=4096)).score(tiny_base, samples, w_max=256)
+    for s, sc in zip(samples, scores, strict=True):
+        torch.testing.assert_close(sc.nll, _reference_nll(tiny_base, s.tokens), atol=1e-4, rtol=1e-4)
+        assert sc.flops > 0
+
+
+def test_batching_does_not_change_results(tiny_base):
+    samples = _samples(3, 150)
+    a = Truncation(WindowConfig(chunk=32, batch_tokens=64)).score(tiny_base, samples, w_max=64)
+    b = Truncation(WindowConfig(chunk=32, batch_tokens=100_000)).score(tiny_base, samples, w_max=64)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.nll, y.nll, atol=1e-5, rtol=1e-5)
+        assert torch.equal(x.top1, y.top1)
+
+
+def test_small_budget_differs_and_sinks_stay_finite(tiny_base):
+    samples = _samples(1, 200)
+    ref = _reference_nll(tiny_base, samples[0].tokens)
+    trunc = Truncation(WindowConfig(chunk=16)).score(tiny_base, samples, w_max=48)[0].nll
+    sinks = AttentionSinks(SinksConfig(chunk=16, sinks=4)).score(tiny_base, samples, w_max=48)[0].nll
+    torch.testing.assert_close(trunc[:31], ref[:31], atol=1e-4, rtol=1e-4)  # still whole history there
+    assert not torch.allclose(trunc[100:], ref[100:], atol=1e-3)
+    assert torch.isfinite(sinks).all()
+
+
+def test_full_attention_is_nan_past_the_native_window(tiny_base):
+    samples = _samples(1, 200)
+    nll = FullAttention(native_window=96, cfg=WindowConfig(chunk=32)).score(tiny_base, samples, w_max=40)[0].nll
+    assert torch.isfinite(nll[:64]).all()  # chunks whose history + 32 <= 96
+    assert torch.isnan(nll[96:]).all()
+
+
+def test_flop_model_counts_attention_quadratically(tiny_model):
+    fm = FlopModel.from_config(tiny_model.config)
+    lin = fm.linear_per_token
+    assert fm.forward(10, 0) - 10 * lin > 0
+    quad = lambda n: fm.forward(n, 0) - n * lin
+    assert abs(quad(20) / quad(10) - (20 * 21) / (10 * 11)) < 1e-9
+    assert fm.forward(10, 5) - fm.forward(10, 0) == 2 * fm.d_model * fm.vocab * 5
