@@ -2,7 +2,7 @@
 
 Why it exists: a working context tiles its history gap-free from token 0, so its cost is at least one
 slot per 1,024 tokens (LOD2 is the coarsest level). With ``w_max`` slots it can therefore cover at most
-about ``(w_max - recent_raw - 63) * 1024`` tokens (:func:`reach`); e.g. ~1.9M tokens at ``w_max=2048``.
+about ``(w_max - recent_raw - 60) * 1024`` tokens (:func:`reach`); e.g. ~1.9M tokens at ``w_max=2048``.
 A longer tree (100M tokens) is still stored whole on disk, but the engine must be attached to a window of
 its most recent part. The window re-bases token and gist indices, so the working context, the engine
 and the focus policies run unchanged on it, and appends go through to the underlying store.
@@ -23,15 +23,24 @@ from megacontext.tree.history import check_level, check_range
 from megacontext.wc_tiling import min_cost
 
 
+def _fits_up_to(length: int, w_max: int, recent_raw: int) -> bool:
+    """Whether every history of at most ``length`` tokens has a legal tiling within ``w_max``. ``min_cost`` is
+    not monotone (a partial block and an unaligned protected boundary add up to ~62 slots), but its
+    within-span pattern repeats every 1,024 tokens while the LOD2 count only grows, so the last span decides."""
+    return all(min_cost(n, recent_raw) <= w_max for n in range(max(length - span(MAX_LEVEL) + 1, 0), length + 1))
+
+
 def reach(w_max: int, recent_raw: int) -> int:
-    """Longest history (tokens, a multiple of 1,024) whose coarsest legal tiling fits ``w_max`` slots."""
+    """Longest history (tokens, a multiple of 1,024) such that every history up to it fits ``w_max`` slots."""
     top = span(MAX_LEVEL)
-    lo, hi = 0, top
-    while min_cost(hi, recent_raw) <= w_max:  # min_cost grows ~1 slot per 1,024 tokens: few doublings
+    if not _fits_up_to(top, w_max, recent_raw):
+        return 0
+    lo, hi = top, 2 * top
+    while _fits_up_to(hi, w_max, recent_raw):  # cost grows ~1 slot per 1,024 tokens: few doublings
         lo, hi = hi, hi * 2
     while hi - lo > top:  # bisect on multiples of the LOD2 span
         mid = (lo + hi) // 2 // top * top
-        lo, hi = (mid, hi) if min_cost(mid, recent_raw) <= w_max else (lo, mid)
+        lo, hi = (mid, hi) if _fits_up_to(mid, w_max, recent_raw) else (lo, mid)
     return lo
 
 

@@ -20,16 +20,18 @@ def test_reach_is_the_longest_fitting_history(w_max, recent):
     if w_max < recent + 32:
         return
     r = reach(w_max, recent)
-    assert r % 1024 == 0 and r > 0
-    assert min_cost(r, recent) <= w_max < min_cost(r + 1024, recent)
+    assert r % 1024 == 0
+    assert all(min_cost(n, recent) <= w_max for n in range(max(r - 2047, 0), r + 1))  # every history up to r fits
+    assert any(min_cost(n, recent) > w_max for n in range(r + 1, r + 1025))  # and r is the last such span
 
 
 def test_reach_matches_the_working_context():
     cfg = WorkingContextConfig(w_max=300, recent_raw=64)
     r = reach(cfg.w_max, cfg.recent_raw)
-    WorkingContext.assemble(r, cfg)  # fits
+    for n in (r, r - 5, r - 500):
+        WorkingContext.assemble(n, cfg)  # fits
     with pytest.raises(ValueError, match="too small"):
-        WorkingContext.assemble(r + 1024, cfg)
+        WorkingContext.assemble(r + 1024 + 31, cfg)
 
 
 def test_window_start():
