@@ -144,7 +144,9 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# MegaContext Tree store benchmark", "",
         f"- command: `{report['command']}`", f"- commit: `{report['commit']}`", f"- machine: {report['machine']}",
-        f"- date: {report['date']}", "- store: durable (fsync before each count publish), fp16 gists, "
+        f"- date: {report['date']}; 1-min load average at the end: {report.get('load_avg_1min_at_end', '?')} "
+        "(the machine is shared: a load above the core count means throughput is a lower bound)",
+        "- store: durable (fsync before each count publish), fp16 gists, "
         "batch 4096 blocks, random token ids fed in 1M-token chunks; reads on a warm page cache", "",
         "| compressor | tokens | ingest tok/s | bytes/token | peak RAM beyond model (MB) | block read median/p99 (us) "
         "| LOD1 gist read median/p99 (us) | 32 LOD1 gists median/p99 (us) |",
@@ -187,7 +189,9 @@ def main(argv=None) -> int:
         log.info("%s %s: %.0f tok/s, %.2f B/token, peak +%.0f MB", comp, n, r["tokens_per_s"],
                  r["bytes_per_token"], r["peak_ram_beyond_model_mb"])
         results.append(r)
-    report = {"command": "python " + " ".join([Path(__file__).relative_to(REPO).as_posix(), *(argv or sys.argv[1:])]),
+    load = os.getloadavg()[0]
+    command = "python " + " ".join([Path(__file__).relative_to(REPO).as_posix(), *(argv or sys.argv[1:])])
+    report = {"load_avg_1min_at_end": load, "command": command,
               "commit": git_commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d"), "results": results}
     md = to_markdown(report)
     print(md)
