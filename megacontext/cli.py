@@ -15,6 +15,7 @@ import sys
 # (group or "" for top level, module with register(subparsers))
 COMMANDS: list[tuple[str, str]] = [
     ("data", "megacontext.data.commands"),
+    ("eval", "megacontext.eval.commands"),
     ("train", "megacontext.lensnet.train_command"),
     ("eval", "megacontext.lensnet.eval_command"),
     ("", "megacontext.bench.commands"),
