@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megacontext.base import FrozenBase
@@ -273,7 +274,7 @@ def _load_wc(root: Path, cfg: EngineConfig, num_tokens: int) -> WorkingContext:
         t = load_file(str(path))
         state = EntryState(t["levels"], t["indices"], t["born"], t["origin"])
         held, wc_step = int(t["num_tokens"][0]), int(t["wc_step"][0])
-    except (KeyError, OSError, RuntimeError) as e:
+    except (KeyError, OSError, RuntimeError, SafetensorError) as e:
         raise StoreError(f"{path}: damaged working-context state ({e})") from e
     try:
         check_tiling(state, held, cfg.wc.recent_raw, cfg.wc.w_max)

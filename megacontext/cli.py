@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "megacontext.lensnet.train_command"),
     ("eval", "megacontext.lensnet.eval_command"),
     ("", "megacontext.bench.commands"),
+    ("", "megacontext.commands"),
 ]
 
 GROUPS = {

@@ -6,8 +6,9 @@ is disjoint from the filler's, so a fact's wording occurs exactly once before it
 "was the fact's block visible to the model?" a clean yes/no and lets the question's log-prob of the
 answer measure recall.
 
-A question is the fact's own opening words ("The keeper of the lighthouse said the password was"); the
-answer is the rest (" marmalade."). Recall of an exact earlier continuation is in-context copying, which
+A fact stands on a line of its own; its question is the same line's opening words ("The secret number of
+the captain's safe is"), so question and fact match token for token, newline included; the answer is
+the rest (" 7341."). Recall of an exact earlier continuation is in-context copying, which
 even small models can do when the source is in view, and which no model can do when it is not.
 """
 
@@ -37,9 +38,9 @@ _REMARKS = ["Nobody complained.", "The work went slowly.", "Everyone was tired a
 
 # (question, answer): the fact sentence is question + answer; words chosen to be absent from the filler
 FACTS: tuple[tuple[str, str], ...] = (
-    ("The keeper of the lighthouse whispered that the password for the vault is", " marmalade."),
-    ("Our hidden treasure map shows that the gold is buried under the", " crooked olive tree."),
-    ("A merchant from Zanzibar swore that his favourite colour is", " turquoise."),
+    ("The secret number of the captain's safe is", " 7341."),
+    ("The ship's cat was called", " Biscuit."),
+    ("The treasure is buried under the", " olive tree."),
 )
 
 
@@ -83,10 +84,10 @@ def ships_log(approx_chars: int, seed: int = 0, fact_fractions: tuple[float, ...
         while targets and size >= targets[0][0]:
             _, i = targets.pop(0)
             question, answer = facts[i]
-            offset = size + len(" ".join(para)) + 1
-            para.append(question + answer)
-            planted.append(PlantedFact(question, answer, offset))
-        text = " ".join(para) + "\n"
+            body = " ".join(para)
+            para = [body + "\n" + question + answer + "\n"]  # the fact on its own line
+            planted.append(PlantedFact(question, answer, size + len(body) + 1))
+        text = " ".join(para).rstrip(" ") + ("" if para[-1].endswith("\n") else "\n")
         parts.append(text)
         size += len(text)
         day += 1

@@ -141,6 +141,7 @@ class Engine:
         self.timer = StageTimer(sync=base.device.type == "cuda")
         self.step = step
         self._pending_actions = [0, 0]  # (expands, collapses) since the last record
+        self.read_stats = {"slots_read": 0, "slots_reused": 0}  # generation: KV slots computed vs kept
 
     # ------------------------------------------------------------------ stream
     @property
@@ -253,6 +254,45 @@ class Engine:
         for _ in range(self.cfg.query_rounds if rounds is None else rounds):
             self.refocus(phase, query=query)
 
+    # ------------------------------------------------------------------ read-only what-ifs
+    def _extended(self, extra: Tensor) -> tuple[Tensor, Tensor]:
+        """The WC's input followed by ``extra`` raw tokens at the next positions: (embeds [T+X, d], pos [T+X])."""
+        m = self.materialize()
+        x = extra.numel()
+        if self.cfg.wc.position_mode == "absolute":
+            nxt = torch.arange(self.num_tokens, self.num_tokens + x)
+        else:
+            nxt = torch.arange(m.position_ids.shape[0], m.position_ids.shape[0] + x)
+        emb = torch.cat([m.inputs_embeds, self.base.embed(extra)])
+        return emb, torch.cat([m.position_ids, nxt.to(m.position_ids.device)])
+
+    @torch.no_grad()
+    def peek_nll(self, ids) -> Tensor:
+        """NLL [X] of ``ids`` if they came next, read over the current WC; nothing is appended to the memory
+        and the WC does not change (the base reads the WC plus these X tokens)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if self.num_tokens == 0 or ids.numel() == 0:
+            raise ValueError("peek_nll needs a non-empty memory and at least one token")
+        emb, pos = self._extended(ids)
+        return self.base.nll(emb[None], pos[None], ids[None])[0].cpu()
+
+    @torch.no_grad()
+    def peek_greedy(self, max_new_tokens: int, stop: set[int] | None = None) -> list[int]:
+        """Greedy continuation of the current WC without appending to the memory or refocusing."""
+        out: list[int] = []
+        emb, pos = self._extended(torch.zeros(0, dtype=torch.long))
+        res = self.base.forward(emb[None], pos[None], use_cache=True, logits_to_keep=1)
+        nxt = int(pos[-1]) + 1
+        for _ in range(max_new_tokens):
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            if stop and tok in stop:
+                break
+            res = self.base.forward(self.base.embed(torch.tensor([[tok]])), torch.tensor([[nxt]]),
+                                    past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
+            nxt += 1
+        return out
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids, sampling: SamplingConfig | None = None) -> Iterator[int]:
         """Ingest the prompt, focus on it, then yield generated token ids one by one. Every generated
@@ -309,6 +349,8 @@ class _CachedReader:
                                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
                 self.cache = out.past_key_values
                 self.keys = torch.cat([self.keys, torch.tensor([n - 1])])
+                e.read_stats["slots_read"] += 1
+                e.read_stats["slots_reused"] += self.keys.shape[0] - 1
                 return out.logits[0, -1]
             with e.timer.stage("prefill"):
                 m = e.materialize()
@@ -327,5 +369,7 @@ class _CachedReader:
                                    use_cache=True, logits_to_keep=1)
                 self.cache = out.past_key_values
                 self.keys = keys
+                e.read_stats["slots_read"] += keys.shape[0] - p
+                e.read_stats["slots_reused"] += p
                 log.debug("re-read %d of %d WC slots (reused %d)", keys.shape[0] - p, keys.shape[0], p)
                 return out.logits[0, -1]

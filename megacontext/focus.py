@@ -10,10 +10,13 @@ oracle plug in through the same protocol. Two policies ship here:
   ``query_tokens`` tokens (during generation: the prompt). Every n-gram of the query that also occurs
   earlier in the history marks the entries covering those occurrences; an entry's score is the sum of
   ``1 / occurrences`` of its matching n-grams (rare n-grams weigh most; n-grams seen more than
-  ``max_occurrences`` times are ignored as boilerplate). Matching gists get positive scores (expand);
-  unmatched unprotected raw blocks get small negative scores that grow with age, so the allocator pays
-  for expansions with the oldest unmatched detail but never collapses voluntarily (scores stay above
-  ``-tau_collapse`` for the default allocator config).
+  ``max_occurrences`` times are ignored as boilerplate, and entries scoring below ``min_score`` count as
+  unmatched, so chance overlaps in ordinary text do not make the focus thrash). Matching gists get
+  positive scores (expand); unmatched unprotected raw blocks get small negative scores that grow with
+  age, so the allocator pays for expansions with the oldest unmatched detail but never collapses
+  voluntarily (scores stay above ``-tau_collapse`` for the default allocator config). By default it acts
+  only on prompts (phase ``generate``): while ordinary text streams in, overlaps with the last few
+  sentences are mostly chance, and chasing them churns the tiling (measured on the demo log).
 
 Design choices
 - n-gram ids are polynomial hashes of token ids (int64 arithmetic wraps, which is harmless for
@@ -66,15 +69,18 @@ class RecencyFocus:
 class LexicalFocusConfig(Config):
     ngram: int = 4  # tokens per matched n-gram
     query_tokens: int = 64  # most recent tokens forming the query when no prompt is given
-    max_occurrences: int = 8  # n-grams seen more often in the history are boilerplate and ignored
+    max_occurrences: int = 2  # n-grams seen more often in the history are boilerplate and ignored
+    min_score: float = 1.5  # an entry needs about this many rare matches to ask for detail (filters chance hits)
     match_scale: float = 1.0  # score per fully weighted match
     idle_collapse: float = 0.05  # magnitude of the (negative) score of the oldest unmatched raw block
+    streaming: bool = False  # also act while plain text streams in (ingest/score), not only on prompts
 
     def __post_init__(self):
         check(self.ngram >= 1, f"ngram={self.ngram} must be >= 1")
         check(self.query_tokens >= self.ngram, f"query_tokens={self.query_tokens} must be >= ngram={self.ngram}")
         check(self.max_occurrences >= 1, f"max_occurrences={self.max_occurrences} must be >= 1")
         check(self.match_scale > 0, f"match_scale={self.match_scale} must be > 0")
+        check(self.min_score >= 0, f"min_score={self.min_score} must be >= 0")
         check(self.idle_collapse >= 0, f"idle_collapse={self.idle_collapse} must be >= 0")
 
 
@@ -136,6 +142,8 @@ class LexicalFocus:
 
     def scores(self, wc, state: FocusState) -> Tensor | None:
         cfg = self.cfg
+        if not cfg.streaming and state.phase != "generate":
+            return None
         history = self._history(state.source, state.num_tokens)
         query = state.query.long().cpu()[-cfg.query_tokens:]
         # search only what precedes the query, so the query never matches itself
@@ -144,7 +152,8 @@ class LexicalFocus:
         starts, ends = wc.spans()
         starts, ends = starts.cpu(), ends.cpu()
         levels = wc.levels.cpu()
-        match = span_sums(w, starts, ends) * cfg.match_scale  # [E]
+        match = span_sums(w, starts, ends)  # [E]
+        match = torch.where(match >= cfg.min_score, match * cfg.match_scale, torch.zeros_like(match))
         age = 1.0 - ends.float() / max(state.num_tokens, 1)  # 0 = newest, -> 1 = oldest
         idle = -cfg.idle_collapse * (0.2 + 0.8 * age)  # older unmatched raw blocks pay first
         unmatched_raw = (levels == 0) & (match <= 0)

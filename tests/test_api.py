@@ -1,0 +1,88 @@
+"""MegaContext API: create/ingest/generate/score, exact restore on reopen, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megacontext.api import ENGINE_FILE, WC_FILE, MegaContext, StoreError
+from megacontext.base import FrozenBase
+from megacontext.checkpoint import CheckpointError
+from megacontext.engine import EngineConfig
+from megacontext.working_context import WorkingContextConfig, check_invariants
+from tests.conftest import tiny_llama
+
+CFG = EngineConfig(wc=WorkingContextConfig(w_max=160, recent_raw=64), focus="lexical", debug=True)
+
+
+def _next_logits(mc: MegaContext) -> torch.Tensor:
+    m = mc.engine.materialize()
+    with torch.no_grad():
+        return mc.base.forward(m.inputs_embeds[None], m.position_ids[None], logits_to_keep=1).logits[0, -1]
+
+
+def test_reopen_restores_wc_and_logits(tiny_base, tmp_path):
+    store = tmp_path / "mem"
+    torch.manual_seed(0)
+    with MegaContext.create(store, tiny_base, config=CFG, durable=False) as mc:
+        assert mc.ingest(torch.randint(1, 128, (1500,))) == 1500
+        out = list(mc.generate_ids(torch.randint(1, 128, (10,))))
+        assert len(out) == 64
+        state = [t.clone() for t in mc.engine.wc.state.fields()]
+        logits, n, step = _next_logits(mc), mc.num_tokens, mc.engine.step
+    with MegaContext.open(store, tiny_base) as mc:
+        assert mc.num_tokens == n and mc.engine.step == step
+        for a, b in zip(state, mc.engine.wc.state.fields(), strict=True):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(_next_logits(mc), logits)
+        check_invariants(mc.engine.wc)
+        res = mc.score(torch.randint(1, 128, (40,)))
+        assert res.nll.shape == (40,) and torch.isfinite(res.nll).all()
+
+
+def test_readonly_open_and_telemetry_summary(tiny_base, tmp_path):
+    store = tmp_path / "mem"
+    with MegaContext.create(store, tiny_base, config=CFG, durable=False) as mc:
+        mc.ingest(torch.randint(1, 128, (400,)))
+        summary = mc.close()
+    assert summary["steps"] == 400 // 32 and summary["max_utilisation"] <= 1.0
+    with MegaContext.open(store, tiny_base, readonly=True) as mc:
+        assert mc.num_tokens == 400
+        with pytest.raises(StoreError, match="read-only"):
+            mc.save()
+
+
+def test_errors_are_clear(tiny_base, tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        MegaContext.open(tmp_path / "nope", tiny_base)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("hi")
+    with pytest.raises(StoreError, match="no engine.json"):
+        MegaContext.open(tmp_path / "plain", tiny_base)
+    with pytest.raises(StoreError, match="not empty"):
+        MegaContext.create(tmp_path / "plain", tiny_base)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        MegaContext.create(tmp_path / "g", tiny_base, gistnet=str(tmp_path / "missing-gistnet"))
+    with pytest.raises(CheckpointError, match="needs a LensNet checkpoint"):
+        MegaContext.create(tmp_path / "l", tiny_base, config=EngineConfig(focus="lensnet"))
+    with pytest.raises(ValueError, match="not built in"):
+        MegaContext.create(tmp_path / "f", tiny_base, config=EngineConfig(focus="telepathy"))
+
+    store = tmp_path / "mem"
+    MegaContext.create(store, tiny_base, config=CFG, durable=False).close()
+    other = FrozenBase(tiny_llama(seed=9), name="other")
+    with pytest.raises(StoreError, match="fingerprint"):
+        MegaContext.open(store, other)
+    bad_cfg = EngineConfig(wc=WorkingContextConfig(w_max=999, recent_raw=64))
+    with pytest.raises(StoreError, match="create a new store"):
+        MegaContext.open(store, tiny_base, config=bad_cfg)
+    (store / WC_FILE).write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="damaged working-context"):
+        MegaContext.open(store, tiny_base)
+    meta = json.loads((store / ENGINE_FILE).read_text())
+    meta["format_version"] = 99
+    (store / ENGINE_FILE).write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="format_version=99"):
+        MegaContext.open(store, tiny_base)

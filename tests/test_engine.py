@@ -1,0 +1,137 @@
+"""Engine: score parity with the plain base model, invariants over a long stream, KV-cache reuse parity,
+focus policies and telemetry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megacontext.base import FrozenBase
+from megacontext.engine import Engine, EngineConfig, common_prefix
+from megacontext.focus import FocusState, LexicalFocus, LexicalFocusConfig, match_weights, ngram_ids
+from megacontext.sampling import SamplingConfig
+from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
+from megacontext.working_context import WorkingContextConfig, check_invariants
+from tests.conftest import tiny_llama
+
+
+def _engine(base, tmp_path, w_max=4096, recent_raw=64, **kw) -> Engine:
+    tree = MegaContextTree.create(tmp_path / "store", base.d_model, base.fingerprint,
+                                  MeanPoolCompressor.from_base(base), config=TreeConfig(durable=False))
+    cfg = EngineConfig(wc=WorkingContextConfig(w_max=w_max, recent_raw=recent_raw), **kw)
+    return Engine(base, tree, cfg)
+
+
+def test_score_parity_with_plain_base(tiny_base, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (200,))
+    eng = _engine(tiny_base, tmp_path, debug=True)
+    res = eng.score(ids)
+    with torch.no_grad():
+        logits = tiny_base.forward(tiny_base.embed(ids)[None], torch.arange(200)).logits[0].float()
+    ref = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
+    assert res.nll[0].isnan() and res.nll.shape == (200,)
+    torch.testing.assert_close(res.nll[1:], ref, atol=1e-4, rtol=1e-4)
+    # a second call continues the stream: its first token is now predicted from the memory
+    more = torch.randint(1, 128, (40,))
+    res2 = eng.score(more)
+    full = torch.cat([ids, more])
+    with torch.no_grad():
+        logits = tiny_base.forward(tiny_base.embed(full)[None], torch.arange(240)).logits[0].float()
+    ref2 = torch.nn.functional.cross_entropy(logits[199:-1], more, reduction="none")
+    torch.testing.assert_close(res2.nll, ref2, atol=1e-4, rtol=1e-4)
+
+
+def test_long_stream_keeps_invariants_and_budget(tiny_base, tmp_path):
+    torch.manual_seed(1)
+    eng = _engine(tiny_base, tmp_path, w_max=160, recent_raw=64, focus="lexical", debug=True)
+    eng.ingest(torch.randint(1, 128, (2300,)))
+    res = eng.score(torch.randint(1, 128, (100,)))
+    check_invariants(eng.wc)
+    assert eng.wc.cost <= 160 and (eng.wc.levels == 2).any()  # the old history reached LOD2
+    assert torch.isfinite(res.nll).all()
+    recs = eng.telemetry.records
+    assert len(recs) == 2400 // 32 and all(r.wc_cost <= r.w_max for r in recs)
+    assert sum(r.collapses for r in recs) > 0
+    assert len(recs[-1].lod_map) == recs[-1].num_tokens // 32 == 2400 // 32
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_cache_reuse_matches_full_reread(tmp_path, temperature):
+    base = FrozenBase(tiny_llama(seed=3), name="tiny")
+    torch.manual_seed(2)
+    hist, prompt = torch.randint(1, 128, (700,)), torch.randint(1, 128, (20,))
+    outs, stats = [], []
+    for reuse in (True, False):
+        eng = _engine(base, tmp_path / str(reuse), w_max=160, recent_raw=64, focus="lexical", cache_reuse=reuse,
+                      debug=True)
+        eng.ingest(hist)
+        outs.append(list(eng.generate(prompt, SamplingConfig(max_new_tokens=40, temperature=temperature, seed=5))))
+        stats.append(dict(eng.read_stats))
+        check_invariants(eng.wc)
+    assert outs[0] == outs[1] and len(outs[0]) == 40
+    assert stats[0]["slots_reused"] > 0 and stats[0]["slots_read"] < stats[1]["slots_read"] / 4
+    assert stats[1]["slots_reused"] == 0
+
+
+def test_generate_stops_on_stop_token(tiny_base, tmp_path):
+    eng = _engine(tiny_base, tmp_path)
+    eng.ingest(torch.arange(1, 50))
+    first = list(eng.generate(torch.tensor([5, 6]), SamplingConfig(max_new_tokens=5)))
+    eng2 = _engine(tiny_base, tmp_path / "b")
+    eng2.ingest(torch.arange(1, 50))
+    stopped = list(eng2.generate(torch.tensor([5, 6]), SamplingConfig(max_new_tokens=5, stop_tokens=(first[0],))))
+    assert stopped == first[:1]
+
+
+def test_peek_does_not_change_memory(tiny_base, tmp_path):
+    eng = _engine(tiny_base, tmp_path)
+    ids = torch.randint(1, 128, (100,))
+    eng.ingest(ids[:90])
+    n, levels = eng.num_tokens, eng.wc.levels.clone()
+    peek = eng.peek_nll(ids[90:])
+    assert eng.num_tokens == n and torch.equal(levels, eng.wc.levels)
+    torch.testing.assert_close(peek, eng.score(ids[90:]).nll, atol=1e-4, rtol=1e-4)
+
+
+def test_common_prefix():
+    a = torch.tensor([1, 2, 3, 4])
+    assert common_prefix(a, torch.tensor([1, 2, 9])) == 2
+    assert common_prefix(a, a[:2]) == 2 and common_prefix(a, torch.tensor([7])) == 0
+
+
+def test_engine_config_validates():
+    with pytest.raises(ValueError, match="recent_raw=32 must be >= k=64"):
+        EngineConfig(wc=WorkingContextConfig(w_max=256, recent_raw=32), k=64)
+    with pytest.raises(ValueError, match="k=0"):
+        EngineConfig(k=0)
+
+
+def test_ngram_matching_prefers_rare_ngrams():
+    hist = torch.tensor([1, 2, 3, 4, 9, 9, 1, 2, 3, 4, 9, 5, 6, 7, 8, 9])
+    assert ngram_ids(hist, 4).shape == (13,)
+    w = match_weights(hist, torch.tensor([5, 6, 7, 8]), n=4, max_occurrences=2)
+    assert w[11:15].sum() == pytest.approx(1.0) and w[:11].sum() == 0
+    w2 = match_weights(hist, torch.tensor([1, 2, 3, 4]), n=4, max_occurrences=1)
+    assert w2.sum() == 0  # seen twice: boilerplate at max_occurrences=1
+
+
+def test_lexical_focus_expands_the_matching_gist(tiny_base, tmp_path):
+    torch.manual_seed(4)
+    eng = _engine(tiny_base, tmp_path, w_max=200, recent_raw=64, focus="recency")
+    fact = torch.tensor([101, 7, 55, 13, 99, 42, 8, 77, 3, 64, 21, 90, 11, 33, 120, 5])
+    hist = torch.cat([torch.randint(1, 100, (40,)), fact, torch.randint(1, 100, (3000,))])
+    eng.ingest(hist)
+    fact_block = 40 // 32
+    cover = eng.wc.spans()
+    holder = int(((cover[0] <= 40) & (cover[1] > 40)).nonzero()[0])
+    assert int(eng.wc.levels[holder]) > 0  # recency alone has compressed it
+    eng.policy = LexicalFocus(LexicalFocusConfig(ngram=4))
+    scores = eng.policy.scores(eng.wc, FocusState(eng.view, eng.num_tokens, fact[:12], "generate"))
+    assert int(scores.argmax()) == holder
+    eng.focus_on(fact[:12], rounds=2)
+    starts, _ = eng.wc.spans()
+    raw_blocks = eng.wc.indices[eng.wc.levels == 0]
+    assert fact_block in raw_blocks.tolist()
+    check_invariants(eng.wc)
+    assert starts.numel() == len(eng.wc)
