@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,17 +26,23 @@ from megacontext.eval.provenance import run_info
 log = logging.getLogger(__name__)
 
 
+class DomainWindows(NamedTuple):
+    tokens: torch.Tensor  # [n, context + horizon] int64
+    docs: np.ndarray  # [n] "<cache>:<doc index>" of each window, the cluster label of the bootstrap
+
+
 def load_windows(caches: list[str], context: int, horizon: int, n: int, split: str = "all",
                  domains: list[str] | None = None, seed: int = 0,
-                 val_fraction: float = 0.05) -> dict[str, torch.Tensor]:
-    """{domain: token ids [n', context + horizon]}: a fixed seeded sample of up to n windows per domain of
-    the caches (a domain found in several caches takes its windows from the first one that holds it)."""
+                 val_fraction: float = 0.05) -> dict[str, DomainWindows]:
+    """{domain: (token ids [n', context + horizon], document labels [n'])}: a fixed seeded sample of up to
+    n windows per domain of the caches (a domain found in several caches takes its windows from the first
+    cache that holds it)."""
     from megacontext.data.token_cache import TokenCache
     from megacontext.data.windows import WindowConfig, WindowSampler
 
     length = context + horizon
-    out: dict[str, torch.Tensor] = {}
-    for path in caches:
+    out: dict[str, DomainWindows] = {}
+    for ci, path in enumerate(caches):
         cache = TokenCache.open(path)
         for dom in sorted(set(cache.doc_domains)):
             if dom in out or (domains and dom not in domains):
@@ -48,7 +55,8 @@ def load_windows(caches: list[str], context: int, horizon: int, n: int, split: s
                 log.warning("domain %s of %s skipped: %s", dom, path, e)
                 continue
             wins = sampler.sample(n)
-            out[dom] = torch.from_numpy(np.stack([w.tokens for w in wins]))  # [n', length]
+            out[dom] = DomainWindows(torch.from_numpy(np.stack([w.tokens for w in wins])),  # [n', length]
+                                     np.asarray([f"{ci}:{w.doc_index}" for w in wins]))
             log.info("%s: %d windows of %d tokens from %s (split=%s)", dom, len(wins), length, path, split)
     missing = sorted(set(domains or []) - set(out))
     if missing:
@@ -72,6 +80,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     p.add_argument("--out-dir", default="docs/results", help="where <name>.json and <name>.md are written")
     p.add_argument("--name", default="gist_eval", help="file stem of the outputs")
+    p.add_argument("--bootstrap", default="document", choices=("document", "window"),
+                   help="resampling unit of the intervals: whole documents (honest for correlated windows) or windows")
     p.add_argument("--scores", default=None, help="also save every per-window score to this .npz")
     p.add_argument("--config", default=None, help="YAML with GistEvalConfig fields (flags override it)")
     add_config_args(p, GistEvalConfig)
@@ -95,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
     windows = load_windows(args.cache, cfg.window - cfg.horizon, cfg.horizon, args.windows, args.split,
                            args.domains, cfg.seed, args.val_fraction)
     t0 = time.perf_counter()
-    scores = {dom: score_windows(base, w, cfg, gistnet, meanpool, desc=dom) for dom, w in windows.items()}
+    scores = {dom: score_windows(base, w.tokens, cfg, gistnet, meanpool, desc=dom) for dom, w in windows.items()}
     seconds = time.perf_counter() - t0
-    summary = summarise(scores, cfg.n_boot, cfg.seed)
+    groups = {dom: w.docs for dom, w in windows.items()} if args.bootstrap == "document" else None
+    summary = summarise(scores, cfg.n_boot, cfg.seed, groups)
     report = {
         "run": run_info(base.device, getattr(args, "provenance_argv", None)),
         "seconds": seconds,
@@ -105,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         "gistnet": args.gistnet,
         "caches": args.cache,
         "split": args.split,
-        "windows": {dom: int(w.shape[0]) for dom, w in windows.items()},
+        "windows": {dom: int(w.tokens.shape[0]) for dom, w in windows.items()},
+        "documents": {dom: int(len(np.unique(w.docs))) for dom, w in windows.items()},
+        "bootstrap_unit": args.bootstrap,
         "config": cfg.to_dict(),
         "targets": targets(summary) if gistnet is not None else [],
         "summary": summary,

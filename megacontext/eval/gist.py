@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 Compressor = Callable[[Tensor, int], Tensor]  # (x [n, 32, d], level) -> [n, d]
 Scores = dict[str, dict[str, dict[str, np.ndarray]]]  # probe -> setting -> variant -> [N] per-window NLL
+WINDOW = "window_index"  # extra column in every setting: which input window each row scored
 
 
 @dataclass
@@ -226,11 +227,22 @@ def score_windows(base: FrozenBase, windows: Tensor, cfg: GistEvalConfig, gistne
                     cw = copy_windows(toks, s, blocks[s.name][start:start + batch.shape[0]])  # [B, C + 32]
                     cn = setting_nlls(base, comps, cw, BLOCK, s)
                     add("copy", s, {k: v[:, 1:].mean(-1) for k, v in cn.items() if k != "gist_lod1"})
-    scores: Scores = {p: {s: {v: torch.cat(x).cpu().numpy() for v, x in vs.items()} for s, vs in ss.items()}
+    scores: Scores = {p: {s: {v: torch.cat(x).cpu().numpy() for v, x in vs.items()} | {WINDOW: np.arange(n)}
+                          for s, vs in ss.items()}
                       for p, ss in acc.items()}
     if cfg.cram.windows > 0:
-        scores["cram"] = cram_scores(base, windows[:cfg.cram.windows], cfg, gistnet, meanpool, desc)
+        subset = cram_subset(n, cfg.cram.windows, cfg.seed)
+        scores["cram"] = cram_scores(base, windows[subset], cfg, gistnet, meanpool, desc)
+        for cols in scores["cram"].values():
+            cols[WINDOW] = subset.numpy()
     return scores
+
+
+def cram_subset(n: int, k: int, seed: int) -> Tensor:
+    """Sorted indices of the k (at most n) windows that get crammed: a seeded random subset, because
+    samplers may return windows in document order and the first k would all come from one document."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:min(k, n)].sort().values
 
 
 def cram_scores(base: FrozenBase, windows: Tensor, cfg: GistEvalConfig, gistnet: Compressor | None,

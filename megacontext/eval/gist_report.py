@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from megacontext.eval.gist import WINDOW
 from megacontext.eval.stats import Estimate, bootstrap, diff_ci, gap_recovered, mean_ci
 
 REFERENCES = ("raw", "drop")
-AUX = ("init_kl", "cram_kl")  # cramming diagnostics, not horizon NLLs
+AUX = ("init_kl", "cram_kl", WINDOW)  # cramming diagnostics and row bookkeeping, not horizon NLLs
 TARGET_GAP = 0.8  # LOD1 gap recovered on dev books
 TARGET_COPY = 0.5  # copy probe: share of the drop-raw gap the gist recovers
 ORDER = ("raw", "gist", "gist_lod1", "cram", "meanpool", "drop")
@@ -28,10 +29,17 @@ def _ordered(names) -> list[str]:
     return sorted(names, key=lambda v: (ORDER.index(v) if v in ORDER else len(ORDER), v))
 
 
-def summarise_setting(cols: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, Any]:
-    """{variant: {nll, dnll, gap_recovered}} (Estimate dicts) for one setting's per-window columns."""
-    kw = {"n_boot": n_boot, "seed": seed}
-    out: dict[str, Any] = {"n": int(len(cols["raw"])), "variants": {}}
+def summarise_setting(cols: dict[str, np.ndarray], n_boot: int, seed: int,
+                      groups: np.ndarray | None = None) -> dict[str, Any]:
+    """{variant: {nll, dnll, gap_recovered}} (Estimate dicts) for one setting's per-window columns.
+
+    ``groups`` labels the *input* windows (e.g. their document); rows are mapped to it through the
+    ``window_index`` column, and the bootstrap then resamples whole groups."""
+    rows = cols.get(WINDOW, np.arange(len(cols["raw"])))
+    g = None if groups is None else np.asarray(groups)[rows]
+    kw = {"n_boot": n_boot, "seed": seed, "groups": g}
+    out: dict[str, Any] = {"n": int(len(cols["raw"])), "groups": None if g is None else int(len(np.unique(g))),
+                           "variants": {}}
     for v in _ordered(k for k in cols if k not in AUX):
         row = {"nll": mean_ci(cols[v], **kw).to_dict()}
         if v != "raw":
@@ -40,7 +48,7 @@ def summarise_setting(cols: dict[str, np.ndarray], n_boot: int, seed: int) -> di
             row["gap_recovered"] = gap_recovered(cols["drop"], cols[v], cols["raw"], **kw).to_dict()
         out["variants"][v] = row
     for k in AUX:
-        if k in cols:
+        if k in cols and k != WINDOW:
             out[k] = mean_ci(cols[k], **kw).to_dict()
     if "cram" in cols and "gist" in cols:  # gist's share of what per-window optimisation reaches
         out["gist_vs_cram"] = bootstrap(
@@ -49,9 +57,13 @@ def summarise_setting(cols: dict[str, np.ndarray], n_boot: int, seed: int) -> di
     return out
 
 
-def summarise(scores_by_domain: dict[str, dict], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """domain -> probe -> setting -> summary, from :func:`megacontext.eval.gist.score_windows` outputs."""
-    return {dom: {probe: {s: summarise_setting(cols, n_boot, seed) for s, cols in settings.items()}
+def summarise(scores_by_domain: dict[str, dict], n_boot: int = 2000, seed: int = 0,
+              groups_by_domain: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """domain -> probe -> setting -> summary, from :func:`megacontext.eval.gist.score_windows` outputs;
+    ``groups_by_domain`` (one label per input window, e.g. document ids) switches to a cluster bootstrap."""
+    groups_by_domain = groups_by_domain or {}
+    return {dom: {probe: {s: summarise_setting(cols, n_boot, seed, groups_by_domain.get(dom))
+                          for s, cols in settings.items()}
                   for probe, settings in scores.items()}
             for dom, scores in scores_by_domain.items()}
 
@@ -110,7 +122,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- base: `{report['base']}`; gistnet: `{report['gistnet']}`",
         f"- windows: {cfg['context']} context + {cfg['horizon']} horizon tokens (LOD1 settings); "
         f"setting `lodL-GofC` gists the oldest G of C context tokens at level L; "
-        f"95% percentile bootstrap over windows ({cfg['n_boot']} resamples, windows resampled jointly)",
+        f"95% percentile bootstrap ({cfg['n_boot']} resamples; variants resampled jointly; "
+        f"{report.get('bootstrap_unit', 'window')}s resampled)",
         "- gap recovered = (NLL_drop - NLL_variant) / (NLL_drop - NLL_raw)",
         "",
     ]
@@ -125,6 +138,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {dom} ({report['windows'].get(dom, '?')} windows)", ""]
         for probe, settings in probes.items():
             for s, res in settings.items():
-                lines += [f"### {PROBE_TITLES.get(probe, probe)}: {s} (n={res['n']})", ""]
+                docs = f", {res['groups']} documents" if res.get("groups") else ""
+                lines += [f"### {PROBE_TITLES.get(probe, probe)}: {s} (n={res['n']} windows{docs})", ""]
                 lines += _setting_table(res) + [""]
     return "\n".join(lines)

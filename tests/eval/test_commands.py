@@ -43,9 +43,10 @@ def cache(tmp_path):
 def test_load_windows_per_domain(cache):
     wins = commands.load_windows([str(cache)], 128, 8, n=4, seed=1)
     assert set(wins) == {"books", "code"}  # dialogue has no document long enough: skipped with a warning
-    assert wins["books"].shape == (4, 136) and wins["code"].shape == (4, 136)
+    assert wins["books"].tokens.shape == (4, 136) and wins["code"].tokens.shape == (4, 136)
+    assert set(wins["books"].docs) <= {"0:0", "0:1"} and set(wins["code"].docs) == {"0:2"}
     again = commands.load_windows([str(cache)], 128, 8, n=4, seed=1)
-    assert all(np.array_equal(wins[d], again[d]) for d in wins)
+    assert all(np.array_equal(wins[d].tokens, again[d].tokens) for d in wins)
     with pytest.raises(ValueError, match=r"\['dialogue'\]"):
         commands.load_windows([str(cache)], 128, 8, n=4, domains=["dialogue"])
 
@@ -65,7 +66,7 @@ def test_eval_gist_writes_json_and_markdown(tmp_path, tiny_model_dir, cache, cap
                   "--out-dir", str(out), "--scores", str(tmp_path / "s.npz"), "--device", "cpu"])
     assert args.func(args) == 0
     report = json.loads((out / "gist_eval.json").read_text())
-    assert report["windows"] == {"books": 2, "code": 2}
+    assert report["windows"] == {"books": 2, "code": 2} and report["bootstrap_unit"] == "document"
     assert set(report["run"]) >= {"command", "commit", "machine"}
     assert report["config"]["gisted"] == [96] and report["config"]["cram"]["steps"] == 2
     books = report["summary"]["books"]

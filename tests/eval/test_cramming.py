@@ -68,3 +68,13 @@ def test_config_validation():
         CramConfig(init="best")
     with pytest.raises(ValueError, match="steps=0"):
         cram(None, torch.zeros(1, 64, dtype=torch.long), 32, torch.zeros(1, 1, 4), torch.zeros(1), steps=0)
+
+
+def test_cram_subset_is_a_seeded_spread_out_sample():
+    from megacontext.eval.gist import cram_subset
+
+    a = cram_subset(1000, 32, seed=0)
+    assert a.shape == (32,) and torch.equal(a, a.sort().values) and len(set(a.tolist())) == 32
+    assert torch.equal(a, cram_subset(1000, 32, seed=0)) and not torch.equal(a, cram_subset(1000, 32, seed=1))
+    assert a.max() > 500  # not just the first windows (samplers may return them in document order)
+    assert cram_subset(5, 32, seed=0).tolist() == [0, 1, 2, 3, 4]

@@ -132,7 +132,7 @@ def test_scores_do_not_depend_on_batch_size(tiny_base, windows):
     b = score_windows(tiny_base, windows, GistEvalConfig(**{**SMALL, "batch_size": 2, "gisted": (64,)}), comp, mp)
     assert set(a) == {"horizon", "copy"}
     assert set(a["horizon"]) == {"lod1-64of128"}
-    assert set(a["horizon"]["lod1-64of128"]) == {"raw", "drop", "gist", "meanpool"}
+    assert set(a["horizon"]["lod1-64of128"]) == {"raw", "drop", "gist", "meanpool", "window_index"}
     for p in a:
         for s in a[p]:
             for v in a[p][s]:
@@ -154,6 +154,7 @@ def test_copy_probe_scores_the_repeat_without_its_first_token(tiny_base, tiny_mo
         ref = reference_nll(tiny_model, cw, 32)[:, 1:].mean(-1).numpy()
     np.testing.assert_allclose(got["raw"], ref, rtol=1e-5, atol=1e-5)
     assert "gist" not in got  # no GistNet given: baselines only
+    np.testing.assert_array_equal(got["window_index"], np.arange(3))
 
 
 @pytest.mark.parametrize("tokens", [torch.zeros(2, 100, dtype=torch.long), torch.zeros(136, dtype=torch.long)])
@@ -170,4 +171,4 @@ def test_lod2_setting_adds_gist_lod1(tiny_base):
     toks = torch.randint(0, 128, (1, cfg.window), generator=torch.Generator().manual_seed(2))
     got = score_windows(tiny_base, toks, cfg, LinearCompressor(tiny_base.d_model), mp)["horizon"]
     assert set(got) == {"lod1-32of64", "lod2-1024of1056"}
-    assert set(got["lod2-1024of1056"]) == {"raw", "drop", "gist", "meanpool", "gist_lod1"}
+    assert set(got["lod2-1024of1056"]) == {"raw", "drop", "gist", "meanpool", "gist_lod1", "window_index"}

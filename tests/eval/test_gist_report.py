@@ -41,6 +41,22 @@ def test_summary_metrics_and_targets():
     assert targets(summarise({"code": synthetic(0.9)}, n_boot=50)) == []  # no books domain, nothing to check
 
 
+def test_document_groups_widen_intervals_and_map_through_window_index():
+    scores = synthetic(0.9, n=200)
+    docs = np.repeat(np.arange(4), 50)  # four documents of 50 windows each
+    by_window = summarise({"books": scores}, n_boot=200)["books"]["horizon"]["lod1-896of1024"]
+    by_doc = summarise({"books": scores}, n_boot=200, groups_by_domain={"books": docs})["books"]
+    res = by_doc["horizon"]["lod1-896of1024"]
+    assert res["groups"] == 4 and by_window["groups"] is None
+    assert by_window["variants"]["raw"]["nll"]["value"] == pytest.approx(res["variants"]["raw"]["nll"]["value"])
+    # the cram rows are a subset of the windows: groups follow them through window_index
+    rows = np.arange(0, 200, 25)  # two windows per document
+    scores["cram"]["lod1-896of1024"] = {k: v[rows] for k, v in scores["cram"]["lod1-896of1024"].items()}
+    scores["cram"]["lod1-896of1024"]["window_index"] = rows
+    cram = summarise({"books": scores}, n_boot=50, groups_by_domain={"books": docs})["books"]["cram"]
+    assert cram["lod1-896of1024"]["groups"] == 4
+
+
 def test_markdown_names_provenance_and_every_table():
     summary = summarise({"books": synthetic(0.9)}, n_boot=50)
     report = {"run": run_info(argv=["megacontext", "eval", "gist", "--windows", "3"]), "seconds": 1.5,

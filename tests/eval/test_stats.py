@@ -25,6 +25,18 @@ def test_resampling_is_joint_across_columns():
     assert est.lo == pytest.approx(-1.0) and est.hi == pytest.approx(-1.0)
 
 
+def test_group_bootstrap_resamples_whole_groups():
+    x = np.random.default_rng(1).normal(size=30)
+    # three identical copies per group: resampling groups must equal resampling the distinct values
+    tripled = resampled_means({"x": np.repeat(x, 3)}, 64, seed=5, groups=np.repeat(np.arange(30), 3))["x"]
+    np.testing.assert_allclose(tripled, resampled_means({"x": x}, 64, seed=5)["x"])
+    # with one group, every replicate is the full mean: a degenerate interval
+    est = mean_ci(x, n_boot=50, groups=np.zeros(30))
+    assert est.lo == pytest.approx(x.mean()) and est.hi == pytest.approx(x.mean())
+    with pytest.raises(ValueError, match="29 labels"):
+        mean_ci(x, groups=np.zeros(29))
+
+
 def test_resampled_means_are_deterministic_and_seed_dependent():
     x = {"x": np.arange(20.0)}
     a, b, c = resampled_means(x, 50, seed=1)["x"], resampled_means(x, 50, seed=1)["x"], resampled_means(x, 50, 2)["x"]
