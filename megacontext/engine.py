@@ -23,7 +23,8 @@ Design choices
   base reads at most ``w_max`` slots; ``wc.recent_raw >= k`` keeps the whole chunk and the token before it
   raw. With a budget that holds everything, this is exactly the base model's own NLL (parity test).
 - After a prompt, ``query_rounds`` extra allocator steps run with the prompt as the query, because one
-  step moves an entry by one level and an LOD2 region needs two steps to reach raw tokens.
+  step moves an entry by one level (an LOD2 region needs two steps to reach raw tokens) and the detail
+  that can pay for an expansion may still be in its allocator cooldown for a step or two.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class EngineConfig(Config):
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     k: int = 32  # tokens between refocus steps
     focus: str = "recency"  # focus policy name (recency | lexical | a name registered by lensnet)
-    query_rounds: int = 2  # extra allocator steps after a prompt, with the prompt as the query
+    query_rounds: int = 4  # allocator steps after a prompt, with the prompt as the query (see module doc)
     cache_reuse: bool = True  # generation: crop the KV cache to the unchanged WC prefix instead of re-reading
     debug: bool = False  # check every tiling invariant after every WC change
 

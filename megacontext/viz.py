@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ASCII_CHARS = {0: "#", 1: "=", 2: ".", -1: " "}
 LEGEND = "# raw (LOD0)   = LOD1 gist   . LOD2 gist"
+ZOOM_STEPS = 24
 _COLOURS = ["#ffffff", "#b2182b", "#f4a582", "#d1e5f0"]  # future, LOD0, LOD1, LOD2
 
 
@@ -87,27 +88,28 @@ def _figure(steps: list[dict], summary: dict, title: str):
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
 
-    mat, tok_per_col, ids = lod_matrix(steps)
-    fig, axes = plt.subplots(3, 1, figsize=(11, 8.5), gridspec_kw={"height_ratios": [4, 1.2, 1.2]},
+    fig, axes = plt.subplots(4, 1, figsize=(11, 10.5), gridspec_kw={"height_ratios": [4, 1.6, 1.1, 1.1]},
                              constrained_layout=True)
     cmap = ListedColormap(_COLOURS)
     norm = BoundaryNorm([-1.5, -0.5, 0.5, 1.5, 2.5], cmap.N)
-    ax = axes[0]
-    ax.imshow(mat, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
-              extent=(0, mat.shape[1] * tok_per_col, ids[-1] + 0.5, ids[0] - 0.5))
-    ax.set_xlabel("history position (tokens)")
-    ax.set_ylabel("refocus step")
-    ax.set_title(title)
-    ax.legend(handles=[Patch(color=_COLOURS[i + 1], label=f"LOD{i}" + (" (raw)" if i == 0 else " gist"))
-                       for i in range(3)], loc="lower left", fontsize=8, framealpha=0.9)
+    # the whole run, then a zoom on the last steps (where a prompt's refocus shows; the run hides it)
+    for ax, rows, label in ((axes[0], steps, title), (axes[1], steps[-ZOOM_STEPS:], f"last {ZOOM_STEPS} steps")):
+        mat, tok_per_col, ids = lod_matrix(rows)
+        ax.imshow(mat, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
+                  extent=(0, mat.shape[1] * tok_per_col, ids[-1] + 0.5, ids[0] - 0.5))
+        ax.set_ylabel("refocus step")
+        ax.set_title(label, fontsize=10)
+    axes[1].set_xlabel("history position (tokens)")
+    axes[0].legend(handles=[Patch(color=_COLOURS[i + 1], label=f"LOD{i}" + (" (raw)" if i == 0 else " gist"))
+                            for i in range(3)], loc="lower left", fontsize=8, framealpha=0.9)
     x = [s["step"] for s in steps]
-    axes[1].plot(x, [s["wc_cost"] for s in steps], lw=1, label="WC cost")
-    axes[1].axhline(steps[-1]["w_max"], color="k", ls="--", lw=0.8, label="W_max")
-    axes[1].set_ylabel("slots")
-    axes[1].legend(loc="lower right", fontsize=8)
-    axes[2].plot(x, [s["swap_rate"] for s in steps], lw=0.8, color="tab:purple")
-    axes[2].set_ylabel("swap rate")
-    axes[2].set_xlabel("refocus step")
+    axes[2].plot(x, [s["wc_cost"] for s in steps], lw=1, label="WC cost")
+    axes[2].axhline(steps[-1]["w_max"], color="k", ls="--", lw=0.8, label="W_max")
+    axes[2].set_ylabel("slots")
+    axes[2].legend(loc="lower right", fontsize=8)
+    axes[3].plot(x, [s["swap_rate"] for s in steps], lw=0.8, color="tab:purple")
+    axes[3].set_ylabel("swap rate")
+    axes[3].set_xlabel("refocus step")
     fig.suptitle(f"{summary['num_tokens']} tokens, {summary['steps']} refocus steps, "
                  f"{summary['expands']} expands / {summary['collapses']} collapses, "
                  f"mean utilisation {summary['mean_utilisation']:.2f}", fontsize=9)
