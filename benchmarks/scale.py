@@ -25,9 +25,7 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_report import merge_section  # noqa: E402
+from scale_report import commit, machine, merge_section  # noqa: E402
 
 from megacontext.base import FrozenBase  # noqa: E402
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig  # noqa: E402
@@ -46,25 +44,6 @@ MB = 1 << 20
 
 
 # ---------------------------------------------------------------------- environment
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"CPU {name} ({os.cpu_count()} cores)"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def host_memory() -> dict[str, float]:
     """MiB: VmRSS (incl. touched file-backed memmap pages), RssAnon (heap) and VmHWM (peak RSS)."""
     out = {}
@@ -260,7 +239,7 @@ def cost_row(base: FrozenBase, tree: MegaContextTree, stream: TokenStream, args)
     history = tree.num_tokens
     eng.score(stream.take(64))  # warm-up: kernels, caches, first refocus
     out = {"history_tokens": history, "window_start": view.start, "window_tokens": view.num_tokens,
-           "policy": policy_name}
+           "reach": reach(args.w_max, args.recent_raw), "policy": policy_name}
     for mode in ("score", "generate"):
         eng.timer = StageTimer(sync=dev.type == "cuda")
         steps0 = eng.step
@@ -345,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-tokens", type=int, default=1024)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--note", default="", help="free-text caveat stored with the section and shown in scale.md")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=16, help="windows per rank per step")
     p.add_argument("--context", type=int, default=1024)
@@ -372,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         base = FrozenBase.load(args.base, device=args.device, dtype="auto")
     for part in parts:
         dev = base.device if base is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        meta = {"command": command, "commit": commit(), "machine": machine(dev), "base": args.base}
+        meta = {"command": command, "commit": commit(), "machine": machine(dev), "base": args.base, "note": args.note}
         if part == "ddp":
             if "WORLD_SIZE" in os.environ or args.part == "quick":
                 row = ddp(args)

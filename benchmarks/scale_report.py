@@ -1,4 +1,4 @@
-"""Results of benchmarks/scale.py: merge one part into ``scale.json`` and render ``scale.md`` from it.
+"""Results of benchmarks/scale.py: provenance (commit, machine), merge a part into ``scale.json``, render ``scale.md``.
 
 ``scale.json`` has one section per part (``ingest``, ``cost``, ``ddp``); each section carries the command,
 commit and machine it came from, so sections from different runs (CPU quick mode, the single-GPU box,
@@ -8,11 +8,38 @@ world size and merged, because each world size is a separate torchrun launch.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import platform
+import subprocess
 from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 NOTE = ("Token source note: the GPU box receives at most ~50 MB of carried data, so a 100M-token ingest cycles a "
         "10-20M-token book cache several times (`repeats` column); gisting cost does not depend on the text.")
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {name} ({os.cpu_count()} cores)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def merge_section(results: Path, name: str, section: dict, row_key: str | None = None, row: dict | None = None) -> Path:
@@ -41,7 +68,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def _prov(s: dict) -> str:
-    return f"`{s['command']}` at commit `{s['commit']}` on {s['machine']}"
+    note = f" Note: {s['note']}" if s.get("note") else ""
+    return f"`{s['command']}` at commit `{s['commit']}` on {s['machine']}.{note}"
 
 
 def render(data: dict) -> str:
@@ -50,7 +78,7 @@ def render(data: dict) -> str:
           "command, commit and machine it came from.", ""]
     if "ingest" in data:
         s = data["ingest"]
-        md += ["## (a) Ingest into one tree", "", f"{_prov(s)}.", "",
+        md += ["## (a) Ingest into one tree", "", _prov(s), "",
                f"Compressor: {s['compressor']}; source: {s['source']}; batch_blocks={s['batch_blocks']}, "
                f"fsync={s['fsync']}.", "", NOTE, ""]
         md += _table(["tokens", "tok/s (cum.)", "tok/s (interval)", "gisting tok/s", "disk B/token", "repeats",
@@ -61,7 +89,7 @@ def render(data: dict) -> str:
         md.append("")
     if "cost" in data:
         s = data["cost"]
-        md += ["## (b) Per-token cost vs history length", "", f"{_prov(s)}.", "",
+        md += ["## (b) Per-token cost vs history length", "", _prov(s), "",
                f"w_max={s['w_max']}, recent_raw={s['recent_raw']}, compressor: {s['compressor']}. "
                "Histories longer than the working context can tile are read through a `HistoryWindow` of their "
                "newest part (window columns). Stage times are per refocus step (one per 32 tokens); "
@@ -77,7 +105,12 @@ def render(data: dict) -> str:
                              r["wc_entries"], r["wc_cost"], m["gpu_peak_mib"], r.get("host_RssAnon_mib")])
         md += _table(["history", "window start", "mode", "ms/token", "gist", "lens", "allocate", "prefill", "decode",
                       "other", "lens+alloc / base", "WC entries", "WC cost", "GPU peak MiB", "RssAnon MiB"], rows)
-        md += ["", f"Policy: {s['rows'][0]['policy'] if s['rows'] else '-'}.", ""]
+        if s["rows"]:
+            r0 = s["rows"][0]
+            md += ["", f"Policy: {r0['policy']}. A working context tiles its history from token 0 at >= 1 slot per "
+                   f"1,024 tokens, so at this w_max it reaches {r0.get('reach', 0):,} tokens; beyond that the engine "
+                   "runs on the newest window and the older tree is stored but not reachable (needs LOD3 or a "
+                   "retrieval jump: see the issue report).", ""]
     if "ddp" in data:
         runs = sorted(data["ddp"]["runs"].values(), key=lambda r: r["world"])
         md += ["## (c) GistNet DDP training throughput", "",
