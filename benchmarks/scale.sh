@@ -41,7 +41,7 @@ case "$part" in
     nvidia-smi --query-gpu=name,memory.total --format=csv || true
     for n in 1 2; do
       $py -m torch.distributed.run --standalone --nproc_per_node=$n benchmarks/scale.py ddp "${common[@]}" \
-        --steps 80 --batch-size 16 --context 1024 --horizon 64
+        --steps 200 --batch-size 16 --context 1024 --horizon 64
     done ;;
   *) echo "unknown part $part (stage|gpu1|ingest|cost|gpu2)" >&2; exit 2 ;;
 esac
