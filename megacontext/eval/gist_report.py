@@ -135,7 +135,9 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {t['target']} | {est} | {'yes' if t['met'] else '**no**'} | {t['verdict']} |")
         lines.append("")
     for dom, probes in report["summary"].items():
-        lines += [f"## {dom} ({report['windows'].get(dom, '?')} windows)", ""]
+        docs = report.get("documents", {}).get(dom)
+        from_docs = f" from {docs} documents" if docs else ""
+        lines += [f"## {dom} ({report['windows'].get(dom, '?')} windows{from_docs})", ""]
         for probe, settings in probes.items():
             for s, res in settings.items():
                 docs = f", {res['groups']} documents" if res.get("groups") else ""
