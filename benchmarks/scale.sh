@@ -10,7 +10,9 @@
 #       (c) GistNet training tokens/s with torchrun on 1 then 2 GPUs (same per-rank batch).
 # Env: BASE (default models/base-llama-19m), GISTNET / LENSNET (checkpoints; default: untrained weights, same cost),
 #      OUT (results dir; default docs/results), TOKENS (default 100000000), PYTHON.
-# Output: $OUT/scale.{json,md}; every section records its command, commit and machine.
+# Output: $OUT/scale.{json,md}; every section records its command, commit and machine. With OUT=$OUT on a device
+#   run, fold the fetched files into docs/results afterwards:
+#       python benchmarks/scale_report.py merge <fetched>/scale.json [<fetched2>/scale.json ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: scale.sh stage|gpu1|ingest|cost|gpu2}

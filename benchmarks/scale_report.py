@@ -49,8 +49,8 @@ def merge_section(results: Path, name: str, section: dict, row_key: str | None =
     if row_key is not None:
         old = data.get(name, {})
         runs = old.get("runs", {})
-        runs[row_key] = {**row, "commit": section["commit"], "machine": section["machine"],
-                         "command": section["command"]}
+        prov = {k: section[k] for k in ("commit", "machine", "command")}
+        runs[row_key] = {**prov, **row}  # a row merged from another file keeps its own provenance
         section = {**section, "runs": runs}
         one = runs.get("1")
         for r in runs.values():
@@ -122,3 +122,27 @@ def render(data: dict) -> str:
                        r["commit"], r["machine"], f"`{r['command']}`"] for r in runs])
         md.append("")
     return "\n".join(md)
+
+
+def merge_files(sources: list[Path], into: Path) -> Path:
+    """Fold the sections of other ``scale.json`` files (e.g. fetched from GPU runs) into ``into/scale.json``."""
+    path = into / "scale.json"
+    for src in sources:
+        for name, section in json.loads(Path(src).read_text()).items():
+            if name == "ddp":
+                for key, row in section.get("runs", {}).items():
+                    merge_section(into, name, {**section, "runs": {}}, row_key=key, row=row)
+            else:
+                merge_section(into, name, section)
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="merge scale.json files (GPU runs) into a results directory")
+    ap.add_argument("cmd", choices=["merge"])
+    ap.add_argument("sources", nargs="+", type=Path)
+    ap.add_argument("--into", type=Path, default=REPO / "docs" / "results")
+    a = ap.parse_args()
+    print(merge_files(a.sources, a.into))

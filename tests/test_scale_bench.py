@@ -18,6 +18,8 @@ def test_scale_quick_mode(tmp_path, tiny_model_dir, monkeypatch):
     spec = importlib.util.spec_from_file_location("scale_bench", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    import scale_report
+
     threads = torch.get_num_threads()
     try:
         rc = mod.main(["quick", "--base", str(tiny_model_dir), "--results", str(tmp_path / "res"),
@@ -38,6 +40,12 @@ def test_scale_quick_mode(tmp_path, tiny_model_dir, monkeypatch):
             assert r[mode]["ms_per_token"] > 0 and r[mode]["stage_ms_per_refocus"]["lens"] > 0
     run = data["ddp"]["runs"]["1"]
     assert run["world"] == 1 and run["tok_per_s"] > 0 and run["scaling_efficiency"] == 1.0
+    # GPU results come back as separate scale.json files and are folded in with their own provenance
+    other = {**run, "world": 2, "tok_per_s": run["tok_per_s"] * 1.5, "command": "torchrun --nproc_per_node=2 x"}
+    (tmp_path / "gpu.json").write_text(json.dumps({"ddp": {**data["ddp"], "runs": {"2": other}}}))
+    merged = json.loads(scale_report.merge_files([tmp_path / "gpu.json"], tmp_path / "res").read_text())
+    assert merged["ddp"]["runs"]["2"]["command"] == "torchrun --nproc_per_node=2 x"
+    assert merged["ddp"]["runs"]["2"]["scaling_efficiency"] == 0.75 and merged["ingest"] == data["ingest"]
     md = (tmp_path / "res" / "scale.md").read_text()
     for needle in ("(a) Ingest", "(b) Per-token cost", "(c) GistNet DDP", data["ingest"]["commit"]):
         assert needle in md
