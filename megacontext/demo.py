@@ -71,19 +71,31 @@ class FactResult:
 
 
 def _window_read(base: FrozenBase, ctx: list[int], answer: list[int], n_new: int) -> tuple[float, list[int]]:
-    """Answer NLL and greedy completion when the base reads exactly ``ctx`` (positions 0..len-1)."""
+    """Answer NLL and greedy completion when the base reads exactly ``ctx`` (positions 0..len-1).
+
+    One prefill serves both: the answer is scored on top of the context's KV cache, which is then cropped
+    back for the greedy continuation (the full-history reference is the expensive read on CPU)."""
     with torch.no_grad():
-        ids = torch.tensor(ctx + answer)
-        nll = base.nll(base.embed(ids)[None], torch.arange(ids.numel())[None], torch.tensor(answer)[None])
-        out: list[int] = []
-        res = base.forward(base.embed(torch.tensor(ctx))[None], torch.arange(len(ctx))[None], use_cache=True,
+        n = len(ctx)
+        res = base.forward(base.embed(torch.tensor(ctx))[None], torch.arange(n)[None], use_cache=True,
                            logits_to_keep=1)
+        first = res.logits[0, -1].float()  # predicts answer[0] and the first greedy token
+        logits = [first[None]]
+        if len(answer) > 1:
+            more = base.forward(base.embed(torch.tensor(answer[:-1]))[None], torch.arange(n, n + len(answer) - 1)[None],
+                                past_key_values=res.past_key_values, use_cache=True)
+            logits.append(more.logits[0].float())
+            more.past_key_values.crop(-(len(answer) - 1))  # negative = drop that many (transformers 4.x and 5.x)
+        nll = torch.nn.functional.cross_entropy(torch.cat(logits), torch.tensor(answer), reduction="sum")
+        cache, out, nxt = res.past_key_values, [], first
         for i in range(n_new):
-            tok = int(res.logits[0, -1].argmax())
+            tok = int(nxt.argmax())
             out.append(tok)
-            res = base.forward(base.embed(torch.tensor([[tok]])), torch.tensor([[len(ctx) + i]]),
-                               past_key_values=res.past_key_values, use_cache=True, logits_to_keep=1)
-    return float(nll.sum()), out
+            if i + 1 < n_new:
+                step = base.forward(base.embed(torch.tensor([[tok]])), torch.tensor([[n + i]]), past_key_values=cache,
+                                    use_cache=True, logits_to_keep=1)
+                cache, nxt = step.past_key_values, step.logits[0, -1]
+    return float(nll), out
 
 
 def _fresh_store(path: Path) -> Path:
