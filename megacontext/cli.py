@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("eval", "megacontext.eval.commands"),
     ("train", "megacontext.lensnet.train_command"),
     ("eval", "megacontext.lensnet.eval_command"),
+    ("train", "megacontext.gistnet.commands"),
     ("", "megacontext.bench.commands"),
     ("", "megacontext.commands"),
 ]

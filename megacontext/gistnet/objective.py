@@ -1,0 +1,178 @@
+"""Substitutability objective: the base model should predict the same after gists as after the raw tokens.
+
+A window ``tokens [B, L]`` (L = context C + horizon H) has its oldest ``g`` context blocks replaced by
+their LOD1 gists (or its oldest 1024-token spans by LOD2 gists), each at the centre of its span
+(:func:`megacontext.spans.centre_tensor`); the rest stays raw at its own positions
+(:func:`megacontext.gistnet.substitute.splice`). The base model is frozen but not wrapped in ``no_grad``,
+so the loss gradients flow through it into GistNet only.
+
+Loss terms (weights in :class:`ObjectiveConfig`)
+- ``horizon``: NLL of the last H tokens (the task-level signal; weak for a small base model whose far
+  context matters little).
+- ``dense``: KL(all-raw || gisted) of the next-token distributions (or plain NLL) on the raw tokens right
+  after the gisted span, which depend on the gists most. KL is zero exactly when the gists are perfect
+  substitutes, so it has no irreducible noise floor.
+- hidden-state warm-up (:func:`hidden_regression_loss`): the base model's hidden state at each gist slot
+  regresses onto the mean hidden state of the raw block it replaces, a cheap dense start.
+
+"Gap recovered" (:func:`gap_report`) compares three runs on the same tokens after the gisted span:
+``raw`` (nothing replaced), ``drop`` (the span removed) and ``gist``; it is
+``(nll_drop - nll_gist) / (nll_drop - nll_raw)``: 1 = as good as raw, 0 = as bad as dropping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megacontext.base import FrozenBase
+from megacontext.config import Config, check
+from megacontext.gistnet.model import GistNet
+from megacontext.gistnet.substitute import splice
+from megacontext.spans import BLOCK, span
+
+
+@dataclass
+class ObjectiveConfig(Config):
+    horizon_weight: float = 1.0
+    dense: Literal["kl", "nll", "none"] = "kl"
+    dense_weight: float = 1.0
+    dense_tokens: int = 256  # raw tokens right after the gisted span that get the dense term; 0 = all of them
+
+    def __post_init__(self):
+        check(self.horizon_weight >= 0, f"horizon_weight={self.horizon_weight} must be >= 0")
+        check(self.dense_weight >= 0, f"dense_weight={self.dense_weight} must be >= 0")
+        check(self.dense in ("kl", "nll", "none"), f"dense={self.dense!r} must be one of kl, nll, none")
+        check(self.dense_tokens >= 0, f"dense_tokens={self.dense_tokens} must be >= 0")
+        check(self.horizon_weight > 0 or (self.dense != "none" and self.dense_weight > 0),
+              "objective has no term: set horizon_weight > 0 or a dense term with dense_weight > 0")
+
+
+def make_prefix(tokens: Tensor, base: FrozenBase, lod1: GistNet, n_lod1: int, lod2: GistNet | None = None,
+                n_lod2: int = 0) -> tuple[Tensor, Tensor, int]:
+    """Gists of the oldest part of ``tokens [B, L]``: ``n_lod2`` LOD2 gists (1024 tokens each, made from
+    LOD1 gists of ``lod1``) then ``n_lod1`` LOD1 gists. Returns (prefix [B, P, d] float32,
+    positions [P] int64, raw_start = number of tokens replaced)."""
+    bsz = tokens.shape[0]
+    d = base.d_model
+    s1, s2 = span(1), span(2)
+    n_tok1 = n_lod2 * (s2 // s1) + n_lod1  # LOD1 gists needed (LOD2 inputs come from LOD1 gists)
+    raw_start = n_tok1 * s1
+    if raw_start >= tokens.shape[1]:
+        raise ValueError(f"gisting {raw_start} tokens leaves nothing raw in a window of {tokens.shape[1]}")
+    emb = base.embed(tokens[:, :raw_start]).reshape(bsz * n_tok1, BLOCK, d)  # [B*g, 32, d]
+    g1 = lod1(emb, 1).view(bsz, n_tok1, d)  # [B, g, d]
+    parts, pos = [], []
+    if n_lod2:
+        if lod2 is None:
+            raise ValueError(f"n_lod2={n_lod2} LOD2 gists requested but no LOD2 GistNet given")
+        g2 = lod2(g1[:, : n_lod2 * BLOCK].reshape(bsz * n_lod2, BLOCK, d), 2).view(bsz, n_lod2, d)  # [B, n2, d]
+        parts.append(g2)
+        pos.append(torch.arange(n_lod2, device=g2.device) * s2 + s2 // 2)
+    parts.append(g1[:, n_lod2 * BLOCK:])
+    pos.append(n_lod2 * s2 + torch.arange(n_lod1, device=g1.device) * s1 + s1 // 2)
+    return torch.cat(parts, dim=1), torch.cat(pos), raw_start
+
+
+def full_mask(embeds: Tensor) -> Tensor:
+    """All-ones attention mask [B, T]. Needed whenever positions jump (gists at span centres): with
+    ``attention_mask=None`` transformers reads every position jump as the start of a new packed sequence
+    and masks everything before it, so the gists would silently be invisible to the raw tokens."""
+    return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+
+
+def tail_logits(base: FrozenBase, embeds: Tensor, positions: Tensor, n: int) -> Tensor:
+    """Logits [B, n, V] (float32) predicting the last ``n`` input slots from the slots before them."""
+    return base.forward(embeds, positions, full_mask(embeds), logits_to_keep=n + 1).logits[:, :-1].float()
+
+
+def raw_tail_logits(base: FrozenBase, tokens: Tensor, n: int) -> Tensor:
+    embeds, pos = splice(base, tokens, 0)
+    return tail_logits(base, embeds, pos, n)
+
+
+def _region(raw_len: int, horizon: int, dense_tokens: int) -> int:
+    """Length of the dense region (tokens after the gisted span, before the horizon)."""
+    avail = raw_len - horizon
+    return avail if dense_tokens == 0 else min(dense_tokens, avail)
+
+
+def substitution_loss(lod1: GistNet, base: FrozenBase, tokens: Tensor, horizon: int, n_lod1: int,
+                      cfg: ObjectiveConfig, lod2: GistNet | None = None,
+                      n_lod2: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Training loss for one batch ``tokens [B, L]`` with the oldest blocks gisted. Returns (loss, metrics);
+    metrics are detached 0-d tensors (no host sync here; the caller decides when to read them)."""
+    prefix, ppos, raw_start = make_prefix(tokens, base, lod1, n_lod1, lod2, n_lod2)
+    embeds, pos = splice(base, tokens, raw_start, prefix, ppos)  # [B, P + L - raw_start, d]
+    raw_len = tokens.shape[1] - raw_start
+    logits = tail_logits(base, embeds, pos, raw_len)  # [B, raw_len, V] predicting tokens[raw_start:]
+    targets = tokens[:, raw_start:].to(logits.device)
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, raw_len]
+    metrics: dict[str, Tensor] = {"horizon_nll": nll[:, -horizon:].mean().detach()}
+    loss = cfg.horizon_weight * nll[:, -horizon:].mean()
+    n_dense = _region(raw_len, horizon, cfg.dense_tokens)
+    if cfg.dense != "none" and n_dense > 0:
+        if cfg.dense == "nll":
+            dense = nll[:, :n_dense].mean()
+        else:
+            with torch.no_grad():  # causal: the teacher needs only the window up to the dense region's end
+                teacher = raw_tail_logits(base, tokens[:, : raw_start + n_dense], n_dense)  # [B, n, V]
+            t_logp = F.log_softmax(teacher, dim=-1)
+            s_logp = F.log_softmax(logits[:, :n_dense], dim=-1)
+            dense = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        metrics[f"dense_{cfg.dense}"] = dense.detach()
+        loss = loss + cfg.dense_weight * dense
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def hidden_regression_loss(lod1: GistNet, base: FrozenBase, tokens: Tensor, n_lod1: int,
+                           layer: int | None = None) -> Tensor:
+    """Warm-up loss: base hidden state (index ``layer`` of HF ``hidden_states``; None = the middle one) at each
+    gist slot vs the mean hidden state of the raw block it replaces, as a relative squared error (scale-free
+    across base models)."""
+    with torch.no_grad():
+        embeds, pos = splice(base, tokens, 0)
+        states = base.forward(embeds, pos, output_hidden_states=True, logits_to_keep=1).hidden_states
+        layer = len(states) // 2 if layer is None else layer
+        h_raw = states[layer]
+        bsz, _, d = h_raw.shape
+        target = h_raw[:, : n_lod1 * BLOCK].float().view(bsz, n_lod1, BLOCK, d).mean(2)  # [B, g, d]
+    prefix, ppos, raw_start = make_prefix(tokens, base, lod1, n_lod1)
+    # only the prefix slots are needed: feed the gists plus one raw token (splice needs a non-empty raw part)
+    embeds, pos = splice(base, tokens[:, : raw_start + 1], raw_start, prefix, ppos)
+    h = base.forward(embeds, pos, full_mask(embeds), output_hidden_states=True, logits_to_keep=1).hidden_states[layer]
+    pred = h[:, :n_lod1].float()  # [B, g, d]
+    return ((pred - target) ** 2).sum(-1).mean() / (target**2).sum(-1).mean().clamp_min(1e-6)
+
+
+@torch.no_grad()
+def gap_report(lod1: GistNet, base: FrozenBase, tokens: Tensor, horizon: int, n_lod1: int, near_tokens: int = 64,
+               lod2: GistNet | None = None, n_lod2: int = 0) -> dict[str, Tensor]:
+    """Mean NLL of raw / drop / gist runs on the ``near`` tokens right after the gisted span and on the
+    horizon, and the gap recovered on each (0-d tensors). The first token after the span is skipped in
+    all three runs because the drop run has nothing to predict it from."""
+    prefix, ppos, raw_start = make_prefix(tokens, base, lod1, n_lod1, lod2, n_lod2)
+    n = tokens.shape[1] - raw_start - 1  # predicted tokens: tokens[raw_start + 1:]
+    targets = tokens[:, raw_start + 1:].to(base.device)
+    runs = {
+        "raw": raw_tail_logits(base, tokens, n),
+        "drop": tail_logits(base, *splice(base, tokens, raw_start), n),
+        "gist": tail_logits(base, *splice(base, tokens, raw_start, prefix, ppos), n),
+    }
+    near = min(near_tokens, n - horizon) if n > horizon else 0
+    out: dict[str, Tensor] = {}
+    for name, logits in runs.items():
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, n]
+        out[f"{name}_horizon"] = nll[:, -horizon:].mean()
+        if near > 0:
+            out[f"{name}_near"] = nll[:, :near].mean()
+    for region in ("horizon", "near"):
+        if f"raw_{region}" in out:
+            gap = out[f"drop_{region}"] - out[f"raw_{region}"]
+            out[f"recovered_{region}"] = (out[f"drop_{region}"] - out[f"gist_{region}"]) / gap.clamp_min(1e-6)
+    return out

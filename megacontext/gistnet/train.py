@@ -1,0 +1,356 @@
+"""GistNet training loop: substitutability through the frozen base model.
+
+Invariants and design choices
+- The base model is frozen (FrozenBase sets ``requires_grad=False``); only GistNet parameters are in the
+  optimizer, so the base weights are bit-identical after training.
+- Each step gists the oldest ``g`` context blocks, ``g`` drawn uniformly from ``1..g_max(step)``; the
+  curriculum grows ``g_max`` linearly from ``gist_frac_start`` to ``gist_frac_end`` of the context over
+  ``curriculum_steps``. ``g`` derives from ``(seed, step)`` and the window stream is replayed up to the
+  resume step, so a resumed run sees what the uninterrupted run would have seen, and all DDP ranks agree
+  on ``g``.
+- Distributed: when ``WORLD_SIZE`` is set (torchrun, N >= 1) a process group is initialised, GistNet is
+  wrapped in DDP, data is sharded per rank, and only rank 0 logs, validates and writes checkpoints.
+- Checkpoints: ``out/model.safetensors`` + ``out/config.json`` (base fingerprint, step, train config) via
+  :meth:`GistNet.save`; the optimizer state goes to ``out/optim.safetensors`` + ``out/train_state.json``
+  for resume (tensors in safetensors, scalars in JSON; nothing pickled).
+- Metrics: one JSON line per ``log_every`` steps (and per validation) in ``out/metrics.jsonl``. Host syncs
+  (``.item()``) happen only at those lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from megacontext.base import FrozenBase
+from megacontext.config import Config, check
+from megacontext.device import select_device
+from megacontext.gistnet.model import GistNet, GistNetConfig
+from megacontext.gistnet.objective import ObjectiveConfig, gap_report, hidden_regression_loss, substitution_loss
+from megacontext.gistnet.windows import open_windows
+from megacontext.spans import BLOCK
+
+log = logging.getLogger(__name__)
+
+OPTIM = "optim.safetensors"
+STATE = "train_state.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class GistTrainConfig(Config):
+    base: str = "models/base-llama-19m"  # HF directory or hub id of the frozen base model
+    data: str = ""  # token cache for training windows; "" = random tokens (smoke runs and tests only)
+    val_data: str = ""  # token cache for validation windows; "" = the val split of ``data``
+    out: str = "runs/gistnet"
+    init: str = ""  # start from this GistNet checkpoint (weights only); resume from ``out`` wins over it
+    resume: bool = True  # continue from ``out`` if it holds a checkpoint with optimizer state
+    model: GistNetConfig = field(default_factory=GistNetConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    context: int = 1024  # C: context tokens per window (multiple of 32)
+    horizon: int = 64  # H: tokens scored after the context
+    batch_size: int = 16  # windows per step per rank
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup_lr_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    gist_frac_start: float = 0.125  # curriculum: largest gisted fraction of the context at step 0 ...
+    gist_frac_end: float = 0.75  # ... and after curriculum_steps
+    curriculum_steps: int = 1000
+    hidden_warmup_steps: int = 0  # first steps regress hidden states instead of the substitution loss
+    hidden_layer: int = -1  # hidden-states index for the warm-up; -1 = the middle layer
+    val_every: int = 200
+    val_batches: int = 4
+    val_gist_frac: float = 0.5  # fraction of the context gisted in validation
+    val_near_tokens: int = 64
+    log_every: int = 20
+    save_every: int = 500
+    max_minutes: float = 0.0  # stop cleanly (with a checkpoint) after this wall time; 0 = no limit
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # base model weights: auto = bf16 on CUDA, fp32 on CPU
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile GistNet (dynamic shapes: the gisted block count varies per step)
+
+    def __post_init__(self):
+        check(self.context > 0 and self.context % BLOCK == 0, f"context={self.context} must be a positive multiple "
+              f"of {BLOCK}")
+        check(self.horizon >= 1, f"horizon={self.horizon} must be >= 1")
+        check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        check(self.steps >= 0, f"steps={self.steps} must be >= 0")
+        check(self.lr > 0, f"lr={self.lr} must be > 0")
+        check(0 <= self.min_lr_frac <= 1, f"min_lr_frac={self.min_lr_frac} must lie in [0, 1]")
+        for name in ("gist_frac_start", "gist_frac_end", "val_gist_frac"):
+            v = getattr(self, name)
+            check(0 < v < 1, f"{name}={v} must lie in (0, 1): at least one block gisted, some context left raw")
+        check(self.gist_frac_start <= self.gist_frac_end,
+              f"gist_frac_start={self.gist_frac_start} must be <= gist_frac_end={self.gist_frac_end}")
+        for name in ("warmup_lr_steps", "curriculum_steps", "hidden_warmup_steps", "val_batches", "save_every"):
+            check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+        check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        check(self.val_every >= 0, f"val_every={self.val_every} must be >= 0")
+        check(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0")
+        check(self.max_minutes >= 0, f"max_minutes={self.max_minutes} must be >= 0")
+
+    @property
+    def blocks(self) -> int:
+        return self.context // BLOCK
+
+    def max_gist_blocks(self, step: int) -> int:
+        t = 1.0 if self.curriculum_steps == 0 else min(1.0, step / self.curriculum_steps)
+        frac = self.gist_frac_start + (self.gist_frac_end - self.gist_frac_start) * t
+        return max(1, min(self.blocks - 1, int(frac * self.blocks)))
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_lr_steps:
+            return self.lr * (step + 1) / self.warmup_lr_steps
+        t = min(1.0, (step - self.warmup_lr_steps) / max(1, self.steps - self.warmup_lr_steps))
+        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ---------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_dist(device_name: str) -> _Dist:
+    if "WORLD_SIZE" not in os.environ:
+        return _Dist()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, enabled=True)
+
+
+# ---------------------------------------------------------------------- optimizer state <-> safetensors
+def _save_optim(directory: Path, opt: torch.optim.Optimizer, step: int, cfg: GistTrainConfig) -> None:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"state.{idx}.{key}"] = val.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    save_file(tensors, str(directory / (OPTIM + ".tmp")))
+    meta = {"step": step, "param_groups": sd["param_groups"], "scalars": scalars, "config": cfg.to_dict()}
+    (directory / (STATE + ".tmp")).write_text(json.dumps(meta, indent=2))
+    os.replace(directory / (OPTIM + ".tmp"), directory / OPTIM)
+    os.replace(directory / (STATE + ".tmp"), directory / STATE)
+
+
+def _load_optim(directory: Path, opt: torch.optim.Optimizer) -> int:
+    meta = json.loads((directory / STATE).read_text())
+    flat = load_file(str(directory / OPTIM), device="cpu")
+    state: dict[int, dict] = {}
+    for name, val in flat.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = val
+    for name, val in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+def can_resume(directory: str | Path) -> bool:
+    d = Path(directory)
+    return all((d / f).is_file() for f in (OPTIM, STATE, "model.safetensors", "config.json"))
+
+
+# ---------------------------------------------------------------------- loop
+class _Logger:
+    """Rank-0 JSONL metrics writer; other ranks write nothing."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self.fh = path.open("a") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def _as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    if not metrics:
+        return {}
+    vals = torch.stack([v.float() for v in metrics.values()]).cpu().tolist()  # one sync for all
+    return {k: round(v, 5) for k, v in zip(metrics, vals, strict=True)}
+
+
+def validate(net: GistNet, base: FrozenBase, val: list[Tensor], cfg: GistTrainConfig) -> dict[str, float]:
+    """Gap report at a fixed gisted fraction, averaged over the fixed validation batches."""
+    n_val = max(1, min(cfg.blocks - 1, int(cfg.val_gist_frac * cfg.blocks)))
+    was_training = net.training
+    net.eval()
+    sums: dict[str, Tensor] = {}
+    with _autocast(base.device, cfg.amp):
+        for tokens in val:
+            rep = gap_report(net, base, tokens, cfg.horizon, n_val, cfg.val_near_tokens)
+            for k, v in rep.items():
+                if not k.startswith("recovered"):
+                    sums[k] = sums.get(k, 0) + v / len(val)
+    for region in ("horizon", "near"):  # recovered from the averaged NLLs: less noisy than mean of ratios
+        if f"raw_{region}" in sums:
+            gap = (sums[f"drop_{region}"] - sums[f"raw_{region}"]).clamp_min(1e-6)
+            sums[f"recovered_{region}"] = (sums[f"drop_{region}"] - sums[f"gist_{region}"]) / gap
+    net.train(was_training)
+    return _as_floats(sums)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, float]:
+    """Run (or resume) training; returns the last logged metrics. ``base`` may be passed in (tests)."""
+    dist_ = _init_dist(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if base is None:
+        device = (torch.device("cuda", dist_.local_rank) if dist_.enabled and torch.cuda.is_available()
+                  and cfg.device in ("auto", "cuda", "") else select_device(cfg.device))
+        base = FrozenBase.load(cfg.base, device=device, dtype=cfg.dtype)
+    device = base.device
+    out = Path(cfg.out)
+    if dist_.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    net = GistNet(cfg.model, base.d_model, embed_norm=base.embed_norm)
+    if cfg.init:
+        net.load_state_dict(GistNet.load(cfg.init, base).state_dict())
+    net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    start = 0
+    if cfg.resume and can_resume(out):
+        net.load_state_dict(GistNet.load(out, base).state_dict())
+        start = _load_optim(out, opt)
+        log.info("resumed from %s at step %d", out, start)
+    if dist_.main:
+        log.info("GistNet: %d params, width %d, %d layers; base %s (d=%d, fingerprint %s)", net.num_params(),
+                 cfg.model.width(base.d_model), cfg.model.layers, base.name, base.d_model, base.fingerprint)
+
+    model = net
+    if dist_.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dist_.local_rank] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model, dynamic=True)
+
+    train_windows = open_windows(cfg.data, cfg.context, cfg.horizon, split="train", seed=cfg.seed,
+                                 vocab_size=base.vocab_size)
+    train_windows = train_windows.shard(dist_.rank, dist_.world)
+    batches: Iterator[Tensor] = iter(train_windows.batches(cfg.batch_size))
+    for _ in range(start):  # replay the stream to where the run stopped (a gather per batch: cheap)
+        next(batches)
+    val: list[Tensor] = []
+    if dist_.main and cfg.val_every and cfg.val_batches:
+        # a separate val cache (held-out books) is used whole; otherwise the val split of the train cache
+        val_src = open_windows(cfg.val_data or cfg.data, cfg.context, cfg.horizon,
+                               split="all" if cfg.val_data else "val", seed=12345, vocab_size=base.vocab_size)
+        val_iter = iter(val_src.batches(cfg.batch_size))
+        val = [next(val_iter).to(device) for _ in range(cfg.val_batches)]
+
+    logger = _Logger(out / METRICS, dist_.main)
+    t0 = time.time()
+    last: dict[str, float] = {}
+    acc: dict[str, Tensor] = {}  # running sums of this log interval
+    n_acc: dict[str, int] = {}  # per key: warm-up and substitution steps log different keys
+    step = start
+    bar = tqdm(total=cfg.steps, initial=start, disable=not dist_.main, desc="gistnet", mininterval=5.0)
+    try:
+        if dist_.main and val and start == 0:
+            last = {"step": 0, **{f"val_{k}": v for k, v in validate(net, base, val, cfg).items()}}
+            logger.write(last)
+            log.info("step 0 (mean-pool init) val: %s", last)
+        while step < cfg.steps:
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+            g = int(torch.randint(1, cfg.max_gist_blocks(step) + 1, (1,), generator=gen))
+            tokens = next(batches).to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            with _autocast(device, cfg.amp):
+                if step < cfg.hidden_warmup_steps:
+                    layer = None if cfg.hidden_layer < 0 else cfg.hidden_layer
+                    loss = hidden_regression_loss(model, base, tokens, g, layer)
+                    metrics = {"hidden_loss": loss.detach()}
+                else:
+                    loss, metrics = substitution_loss(model, base, tokens, cfg.horizon, g, cfg.objective)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).detach()
+            opt.step()
+            step += 1
+            bar.update(1)
+            for k, v in metrics.items():
+                acc[k] = acc.get(k, 0) + v.float()
+                n_acc[k] = n_acc.get(k, 0) + 1
+            if dist_.main and (step % cfg.log_every == 0 or step == cfg.steps):
+                rec = {"step": step, "lr": cfg.lr_at(step - 1), "gist_blocks_max": cfg.max_gist_blocks(step - 1),
+                       "elapsed_s": round(time.time() - t0, 1),
+                       **_as_floats({k: v / n_acc[k] for k, v in acc.items()})}
+                acc, n_acc = {}, {}
+                if val and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+                    rec.update({f"val_{k}": v for k, v in validate(net, base, val, cfg).items()})
+                logger.write(rec)
+                bar.set_postfix(loss=rec.get("loss", rec.get("hidden_loss")), rec=rec.get("val_recovered_near"))
+                log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in rec.items() if k != "step"))
+                last = rec
+            timed_out = cfg.max_minutes > 0 and (time.time() - t0) > 60 * cfg.max_minutes
+            if cfg.max_minutes > 0 and dist_.enabled:  # all ranks must stop at the same step
+                flag = torch.tensor([float(timed_out)], device=device)
+                torch.distributed.all_reduce(flag)
+                timed_out = bool(flag.item())
+            if dist_.main and (timed_out or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
+                _checkpoint(net, base, opt, step, cfg, out)
+            if timed_out:
+                log.info("max_minutes=%s reached at step %d; checkpoint written, stopping", cfg.max_minutes, step)
+                break
+        if dist_.main and step == start and start < cfg.steps:
+            _checkpoint(net, base, opt, step, cfg, out)
+    finally:
+        bar.close()
+        logger.close()
+    return last
+
+
+def _checkpoint(net: GistNet, base: FrozenBase, opt: torch.optim.Optimizer, step: int, cfg: GistTrainConfig,
+                out: Path) -> None:
+    net.save(out, base, extra={"step": step, "train_config": cfg.to_dict()})
+    _save_optim(out, opt, step, cfg)
+    log.info("checkpoint step %d -> %s", step, out)
