@@ -73,7 +73,8 @@ def _read_inputs(files: list[str]) -> str:
 def cmd_demo(args) -> int:
     from megacontext.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=args.out, chars=args.chars, w_max=args.w_max, focus=args.focus, lensnet=args.lensnet,
+    cfg = DemoConfig(out=args.out, chars=args.chars, w_max=args.w_max, recent_raw=args.recent_raw,
+                     position_mode=args.position_mode, focus=args.focus, lensnet=args.lensnet,
                      reference=not args.no_reference, device=args.device)
     run_demo(cfg)
     return 0
@@ -139,6 +140,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (stores, focus map, results JSON)")
     p.add_argument("--chars", type=int, default=30_000, help="length of the generated log in characters")
     p.add_argument("--w-max", dest="w_max", type=int, default=512, help="working-context budget")
+    p.add_argument("--recent-raw", dest="recent_raw", type=int, default=384, help="most recent tokens kept raw")
+    p.add_argument("--position-mode", dest="position_mode", choices=("compact", "absolute"), default="compact",
+                   help="position ids of the working context (see megacontext.wc_materialize)")
     p.add_argument("--focus", default="lexical", help="query-aware focus policy: lexical | lensnet")
     p.add_argument("--lensnet", default=None, help="LensNet checkpoint (for --focus lensnet)")
     p.add_argument("--no-reference", action="store_true", help="skip reading the whole history raw (faster)")
