@@ -249,20 +249,21 @@ def test_batched_materialize_matches_single(tiny_base):
             torch.testing.assert_close(last[b], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_gist_positions_need_an_explicit_attention_mask(tiny_base):
-    """Documents a transformers pitfall: without a mask, gaps in position_ids start new 'packed' documents,
-    so gists would not attend to each other. Materialized.attention_mask exists to avoid it."""
+def test_gist_positions_attend_across_position_jumps(tiny_base):
+    """transformers >= 5 reads gaps in position_ids as packed-document boundaries when no mask is given;
+    FrozenBase always passes one, so materialised gists (which jump positions) stay visible to later slots."""
     src = FakeSource(5_000, d=tiny_base.d_model)
     wc = WorkingContext.assemble(5_000, WorkingContextConfig(w_max=256))
     one = wc.materialize(src, tiny_base.embed)
+    assert (one.position_ids.diff() > 1).any()  # the case under test: positions do jump
     with torch.no_grad():
         masked = tiny_base.forward(one.inputs_embeds[None], one.position_ids[None], one.attention_mask[None])
         unmasked = tiny_base.forward(one.inputs_embeds[None], one.position_ids[None])
-        compact = tiny_base.forward(one.inputs_embeds[None], torch.arange(wc.cost)[None])
-        compact_masked = tiny_base.forward(one.inputs_embeds[None], torch.arange(wc.cost)[None],
-                                           one.attention_mask[None])
-    torch.testing.assert_close(compact.logits, compact_masked.logits)  # consecutive ids: mask is a no-op
-    assert not torch.allclose(masked.logits[0, -1], unmasked.logits[0, -1], atol=1e-4)
+        poked = one.inputs_embeds.clone()
+        poked[0] += 1.0  # the oldest gist: the last slot must see it
+        changed = tiny_base.forward(poked[None], one.position_ids[None])
+    torch.testing.assert_close(unmasked.logits, masked.logits, rtol=0, atol=0)
+    assert (changed.logits[0, -1] - masked.logits[0, -1]).abs().max() > 1e-5
 
 
 def test_materialize_is_differentiable_in_gists():
