@@ -140,7 +140,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (stores, focus map, results JSON)")
     p.add_argument("--chars", type=int, default=30_000, help="length of the generated log in characters")
     p.add_argument("--w-max", dest="w_max", type=int, default=512, help="working-context budget")
-    p.add_argument("--recent-raw", dest="recent_raw", type=int, default=384, help="most recent tokens kept raw")
+    p.add_argument("--recent-raw", dest="recent_raw", type=int, default=256, help="most recent tokens kept raw")
     p.add_argument("--position-mode", dest="position_mode", choices=("compact", "absolute"), default="compact",
                    help="position ids of the working context (see megacontext.wc_materialize)")
     p.add_argument("--focus", default="lexical", help="query-aware focus policy: lexical | lensnet")
