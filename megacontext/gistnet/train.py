@@ -3,6 +3,8 @@
 Invariants and design choices
 - The base model is frozen (FrozenBase sets ``requires_grad=False``); only GistNet parameters are in the
   optimizer, so the base weights are bit-identical after training.
+- Level 2 (``level=2``): the units are 1024-token spans whose LOD2 gists are made from LOD1 gists of a frozen
+  LOD1 checkpoint (``lod1``) or of the same net trained jointly; everything below applies per unit.
 - Each step gists the oldest ``g`` context blocks, ``g`` drawn uniformly from ``1..g_max(step)``; the
   curriculum grows ``g_max`` linearly from ``gist_frac_start`` to ``gist_frac_end`` of the context over
   ``curriculum_steps``. ``g`` derives from ``(seed, step)`` and the window stream is replayed up to the
@@ -40,7 +42,7 @@ from megacontext.device import select_device
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.gistnet.objective import ObjectiveConfig, gap_report, hidden_regression_loss, substitution_loss
 from megacontext.gistnet.windows import open_windows
-from megacontext.spans import BLOCK
+from megacontext.spans import span
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class GistTrainConfig(Config):
     init: str = ""  # start from this GistNet checkpoint (weights only); resume from ``out`` wins over it
     resume: bool = True  # continue from ``out`` if it holds a checkpoint with optimizer state
     model: GistNetConfig = field(default_factory=GistNetConfig)
+    level: int = 1  # LOD of the gists trained: 1 (32 tokens -> 1) or 2 (32 LOD1 gists = 1024 tokens -> 1)
+    lod1: str = ""  # level 2: frozen LOD1 GistNet checkpoint; "" = one net trained jointly for both levels
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     context: int = 1024  # C: context tokens per window (multiple of 32)
     horizon: int = 64  # H: tokens scored after the context
@@ -87,8 +91,13 @@ class GistTrainConfig(Config):
     compile: bool = False  # torch.compile GistNet (dynamic shapes: the gisted block count varies per step)
 
     def __post_init__(self):
-        check(self.context > 0 and self.context % BLOCK == 0, f"context={self.context} must be a positive multiple "
-              f"of {BLOCK}")
+        check(self.level in (1, 2), f"level={self.level} must be 1 or 2")
+        unit = span(self.level)
+        check(self.context > 0 and self.context % unit == 0 and self.context // unit >= 2,
+              f"context={self.context} must be a multiple of {unit} (level-{self.level} span) holding at least 2 spans")
+        check(self.level == 2 or not self.lod1, f"lod1={self.lod1!r} is only used with level=2")
+        check(self.level == 1 or self.hidden_warmup_steps == 0,
+              f"hidden_warmup_steps={self.hidden_warmup_steps} is supported for level 1 only")
         check(self.horizon >= 1, f"horizon={self.horizon} must be >= 1")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         check(self.steps >= 0, f"steps={self.steps} must be >= 0")
@@ -108,7 +117,8 @@ class GistTrainConfig(Config):
 
     @property
     def blocks(self) -> int:
-        return self.context // BLOCK
+        """Gistable units of the context: 32-token blocks at level 1, 1024-token spans at level 2."""
+        return self.context // span(self.level)
 
     def max_gist_blocks(self, step: int) -> int:
         t = 1.0 if self.curriculum_steps == 0 else min(1.0, step / self.curriculum_steps)
@@ -210,7 +220,15 @@ def _as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
     return {k: round(v, 5) for k, v in zip(metrics, vals, strict=True)}
 
 
-def validate(net: GistNet, base: FrozenBase, val: list[Tensor], cfg: GistTrainConfig) -> dict[str, float]:
+def _loss(model, lod1: GistNet | None, base: FrozenBase, tokens: Tensor, g: int, cfg: GistTrainConfig):
+    if cfg.level == 1:
+        return substitution_loss(model, base, tokens, cfg.horizon, g, cfg.objective)
+    return substitution_loss(lod1 if lod1 is not None else model, base, tokens, cfg.horizon, 0, cfg.objective,
+                             lod2=model, n_lod2=g)
+
+
+def validate(net: GistNet, base: FrozenBase, val: list[Tensor], cfg: GistTrainConfig,
+             lod1: GistNet | None = None) -> dict[str, float]:
     """Gap report at a fixed gisted fraction, averaged over the fixed validation batches."""
     n_val = max(1, min(cfg.blocks - 1, int(cfg.val_gist_frac * cfg.blocks)))
     was_training = net.training
@@ -218,7 +236,10 @@ def validate(net: GistNet, base: FrozenBase, val: list[Tensor], cfg: GistTrainCo
     sums: dict[str, Tensor] = {}
     with _autocast(base.device, cfg.amp):
         for tokens in val:
-            rep = gap_report(net, base, tokens, cfg.horizon, n_val, cfg.val_near_tokens)
+            if cfg.level == 1:
+                rep = gap_report(net, base, tokens, cfg.horizon, n_val, cfg.val_near_tokens)
+            else:
+                rep = gap_report(lod1 or net, base, tokens, cfg.horizon, 0, cfg.val_near_tokens, net, n_val)
             for k, v in rep.items():
                 if not k.startswith("recovered"):
                     sums[k] = sums.get(k, 0) + v / len(val)
@@ -253,6 +274,9 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
     if cfg.init:
         net.load_state_dict(GistNet.load(cfg.init, base).state_dict())
     net.to(device).train()
+    lod1_net = None
+    if cfg.level == 2 and cfg.lod1:
+        lod1_net = GistNet.load(cfg.lod1, base).requires_grad_(False)  # frozen: only the LOD2 net learns
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     start = 0
     if cfg.resume and can_resume(out):
@@ -294,7 +318,7 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
     bar = tqdm(total=cfg.steps, initial=start, disable=not dist_.main, desc="gistnet", mininterval=5.0)
     try:
         if dist_.main and val and start == 0:
-            last = {"step": 0, **{f"val_{k}": v for k, v in validate(net, base, val, cfg).items()}}
+            last = {"step": 0, **{f"val_{k}": v for k, v in validate(net, base, val, cfg, lod1_net).items()}}
             logger.write(last)
             log.info("step 0 (mean-pool init) val: %s", last)
         while step < cfg.steps:
@@ -309,7 +333,7 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
                     loss = hidden_regression_loss(model, base, tokens, g, layer)
                     metrics = {"hidden_loss": loss.detach()}
                 else:
-                    loss, metrics = substitution_loss(model, base, tokens, cfg.horizon, g, cfg.objective)
+                    loss, metrics = _loss(model, lod1_net, base, tokens, g, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -326,7 +350,7 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
                        **_as_floats({k: v / n_acc[k] for k, v in acc.items()})}
                 acc, n_acc = {}, {}
                 if val and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-                    rec.update({f"val_{k}": v for k, v in validate(net, base, val, cfg).items()})
+                    rec.update({f"val_{k}": v for k, v in validate(net, base, val, cfg, lod1_net).items()})
                 logger.write(rec)
                 bar.set_postfix(loss=rec.get("loss", rec.get("hidden_loss")), rec=rec.get("val_recovered_near"))
                 log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in rec.items() if k != "step"))
