@@ -74,7 +74,7 @@ def cmd_demo(args) -> int:
     from megacontext.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, chars=args.chars, w_max=args.w_max, recent_raw=args.recent_raw,
-                     position_mode=args.position_mode, focus=args.focus, lensnet=args.lensnet,
+                     position_mode=args.position_mode, focus=args.focus, lensnet=args.lensnet, gistnet=args.gistnet,
                      reference=not args.no_reference, device=args.device)
     run_demo(cfg)
     return 0
@@ -145,6 +145,7 @@ def register(sub) -> None:
                    help="position ids of the working context (see megacontext.wc_materialize)")
     p.add_argument("--focus", default="lexical", help="query-aware focus policy: lexical | lensnet")
     p.add_argument("--lensnet", default=None, help="LensNet checkpoint (for --focus lensnet)")
+    p.add_argument("--gistnet", default="auto", help="auto (models/gistnet-19m if present) | none | PATH")
     p.add_argument("--no-reference", action="store_true", help="skip reading the whole history raw (faster)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
     p.set_defaults(func=cmd_demo)

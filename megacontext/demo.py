@@ -52,6 +52,7 @@ class DemoConfig:
     position_mode: str = "compact"  # absolute | compact (see megacontext.wc_materialize)
     focus: str = "lexical"  # the query-aware policy (lexical, or lensnet with a checkpoint)
     lensnet: str | None = None
+    gistnet: str = "auto"  # auto (models/gistnet-19m when present) | none (mean pooling) | a checkpoint path
     answer_tokens: int = 8  # greedy completion length
     reference: bool = True  # also read the whole history raw (slow on CPU for long logs)
     seed: int = 0
@@ -112,10 +113,13 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     base = FrozenBase.load(str(DEFAULT_BASE), device=cfg.device)
-    gistnet = str(DEFAULT_GISTNET) if (DEFAULT_GISTNET / "config.json").is_file() else None
+    if cfg.gistnet == "auto":
+        gistnet = str(DEFAULT_GISTNET) if (DEFAULT_GISTNET / "config.json").is_file() else None
+    else:
+        gistnet = None if cfg.gistnet == "none" else cfg.gistnet
     say(f"base model: {DEFAULT_BASE.name} ({sum(p.numel() for p in base.model.parameters()) / 1e6:.1f}M params, "
         f"native window {base.native_window}) on {base.device}")
-    say(f"gists: {'GistNet ' + gistnet if gistnet else 'mean pooling (no trained GistNet under models/)'}")
+    say(f"gists: {'GistNet ' + gistnet if gistnet else 'mean pooling'}")
 
     text, facts = ships_log(cfg.chars, seed=cfg.seed)
     doc = base.encode(text)
