@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,7 +198,9 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     else:
         say("-> MegaContext did not recall more facts than truncation in this run.")
     better = sum(r.nll[mc_key] < r.nll["truncation"] for r in results)
-    say(f"   answer NLL lower than truncation for {better}/{len(results)} facts under {mc_key}.")
+    gain = sum(r.nll["truncation"] - r.nll[mc_key] for r in results) / max(len(results), 1)
+    say(f"   answer NLL lower than truncation for {better}/{len(results)} facts under {mc_key} "
+        f"(mean {gain:+.2f} nats: the answer is {math.exp(gain):.3g}x as likely as under truncation).")
     elapsed = time.perf_counter() - t_start
     say(f"focus map: {paths['png']}  {paths['html']}   ({elapsed:.0f}s total)")
     report = {"config": asdict(cfg), "tokens": len(doc), "gists": gistnet or "meanpool",
