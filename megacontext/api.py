@@ -45,6 +45,7 @@ WC_FILE = "wc.safetensors"
 TELEMETRY_FILE = "telemetry.jsonl"
 FORMAT_VERSION = 1
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "models" / "base-llama-19m"
+DEFAULT_GISTNET = DEFAULT_BASE.parent / "gistnet-19m"
 
 
 class StoreError(ValueError):
@@ -55,6 +56,17 @@ def _load_base(base, device, dtype) -> FrozenBase:
     if isinstance(base, FrozenBase):
         return base
     return FrozenBase.load(str(base or DEFAULT_BASE), device=device, dtype=dtype)
+
+
+def resolve_gistnet(base: FrozenBase, gistnet: str | None) -> str | None:
+    """``"auto"`` -> the embedded GistNet when it was trained for this base model, else None (mean pooling)."""
+    if gistnet != "auto":
+        return gistnet
+    try:
+        meta = read_checkpoint_meta(DEFAULT_GISTNET)
+    except CheckpointError:
+        return None
+    return str(DEFAULT_GISTNET) if meta["base_fingerprint"] == base.fingerprint else None
 
 
 def _compressor(base: FrozenBase, gistnet: str | None):
@@ -100,15 +112,18 @@ class MegaContext:
 
     # ------------------------------------------------------------------ create / open
     @classmethod
-    def create(cls, store: str | Path, base: str | FrozenBase | None = None, *, gistnet: str | None = None,
+    def create(cls, store: str | Path, base: str | FrozenBase | None = None, *, gistnet: str | None = "auto",
                lensnet: str | None = None, config: EngineConfig | None = None, device: str | None = None,
                dtype: str | None = None, durable: bool = True) -> MegaContext:
-        """A new, empty memory in ``store`` (which must not exist or be empty)."""
+        """A new, empty memory in ``store`` (which must not exist or be empty). ``gistnet``: a checkpoint,
+        None for mean-pooled gists, or "auto": the embedded ``models/gistnet-19m`` when it was trained for
+        this base model, else mean pooling."""
         root = Path(store)
         if root.exists() and any(root.iterdir()):
             raise StoreError(f"{str(root)!r} exists and is not empty; open it or choose a new directory")
         cfg = config or EngineConfig()
         fb = _load_base(base, device, dtype)
+        gistnet = resolve_gistnet(fb, gistnet)
         policy = _policy(cfg, fb, lensnet)
         comp = _compressor(fb, gistnet)
         tree = MegaContextTree.create(root, fb.d_model, fb.fingerprint, comp, config=TreeConfig(durable=durable))

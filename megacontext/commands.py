@@ -19,7 +19,9 @@ def _store_args(p: argparse.ArgumentParser, create: bool) -> None:
     p.add_argument("store", help="memory store directory")
     p.add_argument("--base", default=None, help="base model directory or hub id (default: the store's, or "
                                                 "models/base-llama-19m for a new store)")
-    p.add_argument("--gistnet", default=None, help="GistNet checkpoint directory (default: mean-pooled gists)")
+    p.add_argument("--gistnet", default=None, help="GistNet checkpoint directory, or 'none' for mean-pooled gists "
+                                                   "(default: the store's; for a new store models/gistnet-19m when "
+                                                   "it matches the base model)")
     p.add_argument("--lensnet", default=None, help="LensNet checkpoint directory (for --focus lensnet)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
@@ -40,14 +42,15 @@ def _open(args, create_ok: bool):
     from megacontext.api import ENGINE_FILE, MegaContext
 
     root = Path(args.store)
-    common = dict(gistnet=args.gistnet, lensnet=args.lensnet, device=args.device, dtype=args.dtype)
+    common = dict(lensnet=args.lensnet, device=args.device, dtype=args.dtype)
     if (root / ENGINE_FILE).is_file():
-        return MegaContext.open(root, args.base, **common)
+        return MegaContext.open(root, args.base, gistnet=None if args.gistnet == "none" else args.gistnet, **common)
     if not create_ok:
         raise FileNotFoundError(f"{root} is not a MegaContext store (run `megacontext ingest {root} FILE` first)")
     cfg_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if "." in k or k in _engine_fields()})
     cfg = config_from_args(_engine_config_cls(), cfg_args, args.config)
-    return MegaContext.create(root, args.base, config=cfg, **common)
+    gistnet = {None: "auto", "none": None}.get(args.gistnet, args.gistnet)
+    return MegaContext.create(root, args.base, gistnet=gistnet, config=cfg, **common)
 
 
 def _engine_fields() -> set[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from megacontext.api import DEFAULT_BASE, ENGINE_FILE, TELEMETRY_FILE, MegaContext
+from megacontext.api import DEFAULT_BASE, ENGINE_FILE, TELEMETRY_FILE, MegaContext, resolve_gistnet
 from megacontext.base import FrozenBase
 from megacontext.demo_input import ships_log
 from megacontext.engine import EngineConfig
@@ -38,8 +38,6 @@ from megacontext.viz import ascii_map, ascii_strip, render_log
 from megacontext.working_context import WorkingContextConfig
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GISTNET = DEFAULT_BASE.parent / "gistnet-19m"
 
 
 @dataclass
@@ -114,10 +112,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     base = FrozenBase.load(str(DEFAULT_BASE), device=cfg.device)
-    if cfg.gistnet == "auto":
-        gistnet = str(DEFAULT_GISTNET) if (DEFAULT_GISTNET / "config.json").is_file() else None
-    else:
-        gistnet = None if cfg.gistnet == "none" else cfg.gistnet
+    gistnet = resolve_gistnet(base, None if cfg.gistnet == "none" else cfg.gistnet)
     say(f"base model: {DEFAULT_BASE.name} ({sum(p.numel() for p in base.model.parameters()) / 1e6:.1f}M params, "
         f"native window {base.native_window}) on {base.device}")
     say(f"gists: {'GistNet ' + gistnet if gistnet else 'mean pooling'}")

@@ -54,6 +54,13 @@ def test_readonly_open_and_telemetry_summary(tiny_base, tmp_path):
             mc.save()
 
 
+def test_auto_gistnet_only_for_its_own_base(tiny_base):
+    from megacontext.api import resolve_gistnet
+
+    assert resolve_gistnet(tiny_base, "auto") is None  # the embedded GistNet was trained for another base
+    assert resolve_gistnet(tiny_base, None) is None and resolve_gistnet(tiny_base, "x") == "x"
+
+
 def test_errors_are_clear(tiny_base, tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         MegaContext.open(tmp_path / "nope", tiny_base)
@@ -86,3 +93,19 @@ def test_errors_are_clear(tiny_base, tmp_path):
     (store / ENGINE_FILE).write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="format_version=99"):
         MegaContext.open(store, tiny_base)
+
+
+def test_lensnet_policy_plugs_in(tiny_base, tmp_path):
+    """A LensNet checkpoint drives the focus through the same protocol (untrained net: all scores 0)."""
+    from megacontext.lensnet.model import LensNet, LensNetConfig
+
+    ckpt = tmp_path / "lens"
+    LensNet(LensNetConfig(), tiny_base.d_model).save(ckpt, tiny_base)
+    cfg = EngineConfig(wc=WorkingContextConfig(w_max=160, recent_raw=64), focus="lensnet", debug=True)
+    with MegaContext.create(tmp_path / "mem", tiny_base, lensnet=str(ckpt), config=cfg, durable=False) as mc:
+        assert mc.engine.policy.name == "lensnet"
+        mc.ingest(torch.randint(1, 128, (600,)))
+        assert len(list(mc.generate_ids(torch.randint(1, 128, (8,))))) == 64
+        check_invariants(mc.engine.wc)
+    with MegaContext.open(tmp_path / "mem", tiny_base) as mc:  # the checkpoint path is remembered
+        assert mc.engine.policy.name == "lensnet"
