@@ -1,27 +1,32 @@
 """The runtime loop: stream tokens into the tree, refocus the working context every K tokens, let the
 frozen base model read it (to score text or to generate).
 
-One step of the stream (``_advance``) is: append up to K tokens to the history (the tree gists completed
-blocks in batches) -> ``wc.sync`` (new tokens enter raw; the recency rule collapses the oldest detail
-if the budget breaks) -> optionally one base forward over the WC, whose last K slots are the new tokens
-(this is :meth:`Engine.score`: NLL of a chunk from one forward, conditioned on the WC of everything
-before it) -> at every multiple of K tokens a *refocus*: the focus policy scores the entries, the
-allocator turns scores into expand/collapse actions, a telemetry record is written.
+One step of the stream (``_advance``) is: optionally score the chunk (:meth:`Engine.score`) -> append up
+to K tokens to the history (the tree gists completed blocks in batches) -> ``wc.sync`` (new tokens enter
+raw; the recency rule collapses the oldest detail if the budget breaks) -> at every multiple of K a
+*refocus*: the focus policy scores the entries, the allocator turns scores into expand/collapse actions,
+a telemetry record is written.
+
+Scoring a chunk inside the K-window ``[a, a + K)`` is one base forward over the WC as it was after the
+refocus at ``a`` followed by the raw tokens ``[a, end of chunk)``; the chunk's NLL is read off that
+forward. A token's context therefore depends only on the stream, not on how the caller split it into
+calls (property-tested), and the base reads at most ``w_max + K`` slots while scoring.
 
 Invariants
 - The policy only ever sees the history up to the current step, so scores (and therefore the WC the
   base reads) never depend on tokens that have not been streamed yet: ``score`` is causal.
-- The base never reads more than ``w_max`` slots (asserted on every materialisation); in ``debug`` mode
-  the full tiling invariants are checked after every change.
+- A materialised WC never exceeds ``w_max`` slots (asserted every time); ``score`` adds at most the K raw
+  tokens of the current window after it. In ``debug`` mode the full tiling invariants are checked after
+  every change.
 - Generation keeps a KV cache of the slots it has read, keyed by what each slot holds (a raw token's
   absolute index, or a gist's level and index); after any change of the WC it crops the cache to the
   common prefix and re-prefills from the first changed slot only. With ``cache_reuse=False`` every step
   re-reads the whole WC, which must produce the same tokens (tested).
 
 Design choices
-- ``score`` uses the WC *after* the chunk's sync, so the chunk's own tokens are part of the budget and the
-  base reads at most ``w_max`` slots; ``wc.recent_raw >= k`` keeps the whole chunk and the token before it
-  raw. With a budget that holds everything, this is exactly the base model's own NLL (parity test).
+- ``wc.recent_raw >= k`` keeps the newest block raw, so the last WC slot before a window is the true
+  previous token. With a budget that holds everything, ``score`` is exactly the base model's own NLL
+  (parity test).
 - After a prompt, ``query_rounds`` extra allocator steps run with the prompt as the query, because one
   step moves an entry by one level (an LOD2 region needs two steps to reach raw tokens) and the detail
   that can pay for an expansion may still be in its allocator cooldown for a step or two.
@@ -143,6 +148,8 @@ class Engine:
         self.step = step
         self._pending_actions = [0, 0]  # (expands, collapses) since the last record
         self.read_stats = {"slots_read": 0, "slots_reused": 0}  # generation: KV slots computed vs kept
+        # the WC as of the last refocus: what score() reads before the current k-window's raw tokens
+        self._window_wc = self.wc.clone() if self.num_tokens % self.cfg.k == 0 else None
 
     # ------------------------------------------------------------------ stream
     @property
@@ -172,24 +179,43 @@ class Engine:
         return m
 
     def _advance(self, chunk: Tensor, phase: str, want_nll: bool) -> Tensor | None:
-        """Append one chunk (<= k tokens, not crossing a multiple of k), sync, optionally score it."""
+        """Optionally score one chunk (<= k tokens, not crossing a multiple of k), then append it and sync;
+        refocus when the stream reaches a multiple of k."""
         n0 = self.num_tokens
+        nll = self._score_chunk(chunk, n0) if want_nll else None
         self._append(chunk)
         self._sync(n0 + chunk.numel())
-        nll = None
-        if want_nll:
-            with torch.no_grad(), self.timer.stage("prefill"):
-                m = self.materialize()
-                c = chunk.numel()
-                keep = c + 1 if n0 > 0 else c
-                logits = self.base.forward(m.inputs_embeds[None], m.position_ids[None], logits_to_keep=keep).logits
-                pred = logits[0, :-1].float()  # [c, V] (c - 1 when there is no history to predict chunk[0])
-                targets = chunk[chunk.numel() - pred.shape[0]:].to(pred.device)
-                got = torch.nn.functional.cross_entropy(pred, targets, reduction="none").cpu()
-                nll = got if n0 > 0 else torch.cat([torch.full((1,), float("nan")), got])
         if self.num_tokens % self.cfg.k == 0:
             self.refocus(phase)
+            self._window_wc = self.wc.clone()
         return nll
+
+    @torch.no_grad()
+    def _score_chunk(self, chunk: Tensor, n0: int) -> Tensor:
+        """NLL [c] of a chunk starting at token n0: the base reads the WC as of the last refocus (at
+        ``a = n0 - n0 % k``) followed by the raw tokens [a, n0 + c), so a token's context depends only on
+        the stream, never on how callers split it into calls. NaN for a first token with no history."""
+        k, c = self.cfg.k, chunk.numel()
+        snap = self._window_wc
+        if snap is None or snap.num_tokens != n0 - n0 % k:  # e.g. a store reopened mid-window
+            snap = self.wc
+        a = snap.num_tokens
+        with self.timer.stage("prefill"):
+            m = snap.materialize(self.view, self.base.embed)
+            if m.inputs_embeds.shape[0] > self.cfg.wc.w_max:
+                raise AssertionError(f"working context materialised {m.inputs_embeds.shape[0]} slots > "
+                                     f"w_max={self.cfg.wc.w_max}")
+            fresh = torch.cat([self.source.tokens(a, n0).long(), chunk.long()])  # [n0 - a + c] raw after the WC
+            t = m.position_ids.shape[0]
+            start = a if self.cfg.wc.position_mode == "absolute" else t
+            pos = torch.cat([m.position_ids, torch.arange(start, start + fresh.numel(), device=m.position_ids.device)])
+            emb = torch.cat([m.inputs_embeds, self.base.embed(fresh).to(m.inputs_embeds.dtype)])  # [T + F, d]
+            keep = c + 1 if n0 > 0 else c
+            logits = self.base.forward(emb[None], pos[None], logits_to_keep=keep).logits
+            pred = logits[0, :-1].float()  # [c, V] (c - 1 when there is no history to predict chunk[0])
+            got = torch.nn.functional.cross_entropy(pred, chunk[c - pred.shape[0]:].to(pred.device),
+                                                    reduction="none").cpu()
+        return got if n0 > 0 else torch.cat([torch.full((1,), float("nan")), got])
 
     def _chunks(self, ids: Tensor) -> Iterator[Tensor]:
         """Split ids so every chunk ends at a multiple of k of the absolute stream (or at the end)."""

@@ -3,8 +3,12 @@ focus policies and telemetry."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megacontext.base import FrozenBase
 from megacontext.engine import Engine, EngineConfig, common_prefix
@@ -135,3 +139,27 @@ def test_lexical_focus_expands_the_matching_gist(tiny_base, tmp_path):
     assert fact_block in raw_blocks.tolist()
     check_invariants(eng.wc)
     assert starts.numel() == len(eng.wc)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.integers(1, 90), min_size=1, max_size=6), st.sampled_from([128, 160, 200]),
+       st.sampled_from(["recency", "lexical"]))
+def test_stream_is_independent_of_call_chunking(cuts, w_max, focus):
+    """score() over a stream split into arbitrary calls == one call; invariants hold at every step."""
+    import tempfile
+
+    from megacontext.base import FrozenBase
+
+    base = FrozenBase(tiny_llama(), name="tiny")
+    torch.manual_seed(sum(cuts))
+    ids = torch.randint(1, 128, (sum(cuts) + 300,))
+    runs = []
+    for pieces in ([ids], list(torch.split(ids, [*cuts, 300]))):
+        with tempfile.TemporaryDirectory() as d:
+            eng = _engine(base, Path(d), w_max=w_max, recent_raw=64, focus=focus, debug=True)
+            nll = torch.cat([eng.score(p).nll for p in pieces])
+            runs.append((nll, eng.wc.levels.clone(), eng.wc.indices.clone(), len(eng.telemetry.records)))
+            assert all(r.wc_cost <= w_max for r in eng.telemetry.records)
+    (a, la, ia, na), (b, lb, ib, nb) = runs
+    torch.testing.assert_close(a, b, equal_nan=True, atol=1e-4, rtol=1e-4)
+    assert torch.equal(la, lb) and torch.equal(ia, ib) and na == nb == ids.numel() // 32
