@@ -69,3 +69,20 @@ def test_demo_full(tmp_path):
 
     report = run_demo(DemoConfig(out=str(tmp_path / "demo")), say=lambda s: None)
     assert report["tokens"] > 5000
+
+
+def test_text_generation_streams_and_stops(tiny_dir_with_tokenizer, tmp_path):
+    from megacontext.api import MegaContext
+
+    base = str(tiny_dir_with_tokenizer)
+    with MegaContext.create(tmp_path / "a", base, durable=False) as mc:
+        mc.ingest("The ship sailed north. " * 20)
+        seen: list[str] = []
+        full = mc.generate("The ship", max_new_tokens=12, on_text=seen.append)
+        assert full == "".join(seen) and len(full) > 6
+    stop = full[3:6]
+    with MegaContext.create(tmp_path / "b", base, durable=False) as mc:
+        mc.ingest("The ship sailed north. " * 20)
+        pieces = list(mc.generate("The ship", max_new_tokens=12, stream=True, stop=(stop,)))
+        text = "".join(pieces)
+        assert text.endswith(stop) and full.startswith(text) and len(text) < len(full)
