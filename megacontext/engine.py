@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from megacontext.allocator import AllocatorConfig
 from megacontext.base import FrozenBase
@@ -230,8 +231,6 @@ class Engine:
     def ingest(self, ids, phase: str = "ingest", progress: bool = False) -> None:
         """Stream token ids into the memory (no base-model reads; the policy still refocuses every k)."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=ids.numel(), unit="tok", desc=phase, disable=not progress)
         for chunk in self._chunks(ids):
             self._advance(chunk, phase, want_nll=False)
@@ -241,8 +240,6 @@ class Engine:
     def score(self, ids, progress: bool = False) -> ScoreResult:
         """Streaming per-token NLL of ids under MegaContext; the ids are appended to the memory."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        from tqdm.auto import tqdm
-
         parts = []
         bar = tqdm(total=ids.numel(), unit="tok", desc="score", disable=not progress)
         for chunk in self._chunks(ids):
