@@ -25,7 +25,7 @@ SystemFactory = Callable[[object, dict], System]
 _REGISTRY: dict[str, SystemFactory] = {}
 
 # >>> MegaContext registration point: add engine adapter modules here (each calls register_system on import).
-PLUGIN_MODULES: list[str] = []
+PLUGIN_MODULES: list[str] = ["megacontext.bench.megacontext_systems"]
 # <<<
 
 
