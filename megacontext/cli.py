@@ -1,4 +1,6 @@
-"""The ``megacontext`` command: one tool, subcommands registered by the modules that own them.
+"""MegaContext: unbounded memory for a frozen causal LM at a fixed working-window cost.
+
+One tool, subcommands registered by the modules that own them.
 
 Each entry below names a module exposing ``register(subparsers)``; a registered parser sets
 ``func(args) -> int``. Grouped commands (``data prepare``, ``train gistnet``, ``eval gist``) register

@@ -123,7 +123,9 @@ def score_chunked(base, system: ContextSystem, samples: list[Sample], w_max: int
     plan = partial(plan_sample, system, w_max)
     select_seconds = 0.0
     if system.workers > 1 and len(samples) > 1:
-        # fork: workers only run CPU selection code, never touch the GPU
+        # fork: workers only run CPU selection code, never touch the GPU. Thousands of small tensors come
+        # back; the default fd-passing strategy runs out of descriptors ("received 0 items of ancdata").
+        torch.multiprocessing.set_sharing_strategy("file_system")
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(system.workers, mp_context=ctx) as pool:
             for jobs in pool.map(plan, range(len(samples)), samples):

@@ -62,3 +62,15 @@ def test_flop_model_counts_attention_quadratically(tiny_model):
     quad = lambda n: fm.forward(n, 0) - n * lin
     assert abs(quad(20) / quad(10) - (20 * 21) / (10 * 11)) < 1e-9
     assert fm.forward(10, 5) - fm.forward(10, 0) == 2 * fm.d_model * fm.vocab * 5
+
+
+def test_worker_processes_give_the_same_scores_as_in_process(tiny_base):
+    """BM25 selection runs in forked workers on the GPU box; many tensors come back from them, which once
+    exhausted file descriptors. Results must equal in-process selection."""
+    from megacontext.bench.retrieval import BM25Retrieval, RetrievalConfig
+
+    samples = _samples(4, 300)
+    one = BM25Retrieval(RetrievalConfig(chunk=16, workers=1)).score(tiny_base, samples, w_max=96)
+    two = BM25Retrieval(RetrievalConfig(chunk=16, workers=2)).score(tiny_base, samples, w_max=96)
+    for x, y in zip(one, two, strict=True):
+        torch.testing.assert_close(x.nll, y.nll, atol=1e-5, rtol=1e-5)
