@@ -15,6 +15,7 @@ even small models can do when the source is in view, and which no model can do w
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 _TIMES = ["At dawn", "In the morning", "Around noon", "Late in the afternoon", "At dusk", "During the night",
@@ -42,6 +43,14 @@ FACTS: tuple[tuple[str, str], ...] = (
     ("The ship's cat was called", " Biscuit."),
     ("The treasure is buried under the", " olive tree."),
 )
+
+# same-kind alternatives for the forced-choice recall (numbers are generated); all absent from the filler
+_ALTERNATIVES: dict[str, tuple[str, ...]] = {
+    " Biscuit.": tuple(f" {n}." for n in ("Pepper", "Whiskers", "Mittens", "Shadow", "Ginger", "Smudge", "Tiger",
+                                          "Sooty", "Pickles", "Muffin", "Jasper", "Nutmeg")),
+    " olive tree.": tuple(f" {n} tree." for n in ("oak", "apple", "fig", "pine", "lemon", "cherry", "palm",
+                                                  "walnut", "chestnut", "willow", "cedar", "orange")),
+}
 
 
 @dataclass
@@ -92,3 +101,34 @@ def ships_log(approx_chars: int, seed: int = 0, fact_fractions: tuple[float, ...
         size += len(text)
         day += 1
     return "".join(parts), planted
+
+
+def _core(answer: str) -> str:
+    return answer.strip().rstrip(".")
+
+
+def distractors(answer: str, text: str, k: int = 7, seed: int = 0) -> list[str]:
+    """``k`` answers of the same kind as ``answer`` (formatted alike), none of which occurs in ``text``.
+
+    Digit answers get other numbers with as many digits; the others draw from a fixed per-fact list.
+    Deterministic in ``seed``; raises when fewer than ``k`` usable alternatives exist."""
+    rng = random.Random(f"{seed}:{answer}")
+    core = _core(answer)
+
+    def absent(cand: str) -> bool:
+        return cand != answer and re.search(rf"\b{re.escape(_core(cand))}\b", text, re.IGNORECASE) is None
+
+    if core.isdigit():
+        lo, hi = 10 ** (len(core) - 1), 10 ** len(core) - 1
+        out: list[str] = []
+        while len(out) < k:
+            cand = answer.replace(core, str(rng.randint(lo, hi)))
+            if absent(cand) and cand not in out:
+                out.append(cand)
+        return out
+    if answer not in _ALTERNATIVES:
+        raise ValueError(f"no alternatives known for answer {answer!r}; known: {sorted(_ALTERNATIVES)}")
+    pool = [c for c in _ALTERNATIVES[answer] if absent(c)]
+    if len(pool) < k:
+        raise ValueError(f"only {len(pool)} alternatives to {answer!r} are absent from the text, need {k}")
+    return rng.sample(pool, k)
