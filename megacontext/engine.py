@@ -49,6 +49,7 @@ from megacontext.focus import FocusPolicy, FocusState, make_policy
 from megacontext.sampling import SamplingConfig, choose_token, make_generator
 from megacontext.spans import BLOCK
 from megacontext.telemetry import StageTimer, StepRecord, Telemetry, lod_map
+from megacontext.tree.history import gather_by_runs
 from megacontext.wc_materialize import TAIL_SLOT, Materialized
 from megacontext.wc_tiling import ACTION_COST
 from megacontext.working_context import WorkingContext, WorkingContextConfig, check_invariants
@@ -87,9 +88,9 @@ class ScoreResult:
 
 
 class GatherView:
-    """Adapts a history with ``gists(level, start, end)`` to the WC's ``gather_gists(level, indices)``.
-
-    Reads the covering index range once and selects, so a refocus costs one read per level."""
+    """Gives the WC's ``gather_gists(level, indices)`` to any history: the source's own gather when it has
+    one (the tree and ``InMemoryHistory`` do), else one ``gists(level, start, end)`` read per run of
+    consecutive indices, so a refocus never reads the gists lying between far-apart entries."""
 
     def __init__(self, source):
         self.source = source
@@ -104,9 +105,7 @@ class GatherView:
     def gather_gists(self, level: int, indices: Tensor) -> Tensor:
         if hasattr(self.source, "gather_gists"):
             return self.source.gather_gists(level, indices)
-        idx = indices.cpu()
-        lo, hi = int(idx.min()), int(idx.max()) + 1
-        return self.source.gists(level, lo, hi)[idx - lo]  # [n, d]
+        return gather_by_runs(lambda s, e: self.source.gists(level, s, e), indices.cpu().long())  # [n, d]
 
 
 def slot_keys(m: Materialized, levels: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
@@ -138,7 +137,8 @@ class Engine:
                  wc: WorkingContext | None = None, telemetry: Telemetry | None = None, step: int = 0):
         self.base = base
         self.source = source
-        self.view = GatherView(source)
+        # what the WC and the policy read: the source itself when it can gather (tree, InMemoryHistory)
+        self.view = source if hasattr(source, "gather_gists") else GatherView(source)
         self.cfg = cfg or EngineConfig()
         self.policy = policy or make_policy(self.cfg.focus)
         self.wc = wc or WorkingContext(self.cfg.wc)

@@ -11,6 +11,10 @@ LOD0. The last line (``type: "summary"``) aggregates the run.
 Design choices
 - JSONL, append-only and flushed per line, so a crashed or interrupted run still leaves a readable log
   and ``megacontext inspect`` can read a log that is still being written.
+- Bounded RAM: a ``lod_map`` holds one character per history block (~59 KB at 1.9M tokens), so the
+  in-memory log keeps the maps of the last ``keep_maps`` records only; older records keep their residency
+  (computed before the map is dropped) and the JSONL file keeps every map, which is where ``inspect`` and
+  the focus map read them from. At most ``keep_last`` records are kept in memory at all.
 - Latency is accumulated per stage by :class:`StageTimer` and drained into each record, so a record's
   latencies are exactly the work done since the previous record. On CUDA the timer synchronises at stage
   boundaries only when asked to (``sync=True``); otherwise kernel time lands in whichever stage waits.
@@ -70,6 +74,18 @@ class StepRecord:
     lod_map: str = ""
     latency_ms: dict[str, float] = field(default_factory=dict)
     type: str = "step"
+    # residency frozen when the in-memory log drops lod_map (see Telemetry); never written to JSON
+    frozen_residency: dict[str, float] | None = field(default=None, repr=False)
+
+    @property
+    def residency(self) -> dict[str, float]:
+        return self.frozen_residency if self.frozen_residency is not None else residency(self.lod_map)
+
+    def drop_map(self) -> None:
+        """Forget ``lod_map`` (kept in the JSONL file), keeping its residency."""
+        if self.lod_map:
+            self.frozen_residency = residency(self.lod_map)
+            self.lod_map = ""
 
     @property
     def swap_rate(self) -> float:
@@ -81,9 +97,10 @@ class StepRecord:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        del d["frozen_residency"]
         d["swap_rate"] = round(self.swap_rate, 6)
         d["utilisation"] = round(self.utilisation, 6)
-        d["residency"] = {k: round(v, 6) for k, v in residency(self.lod_map).items()}
+        d["residency"] = {k: round(v, 6) for k, v in self.residency.items()}
         return d
 
 
@@ -118,24 +135,32 @@ class StageTimer:
 
 
 class Telemetry:
-    """Collects :class:`StepRecord` rows, optionally streaming them to a JSONL file."""
+    """Collects :class:`StepRecord` rows, optionally streaming them to a JSONL file.
 
-    def __init__(self, path: str | Path | None = None, keep_last: int = 100_000):
+    In memory: the last ``keep_last`` records, of which only the last ``keep_maps`` keep their ``lod_map``
+    (see the module docstring); the file gets every record in full."""
+
+    def __init__(self, path: str | Path | None = None, keep_last: int = 100_000, keep_maps: int = 64):
+        if keep_last < 1 or not 0 <= keep_maps <= keep_last:
+            raise ValueError(f"keep_last={keep_last}, keep_maps={keep_maps}; expected keep_last >= 1 and "
+                             "0 <= keep_maps <= keep_last")
         self.path = Path(path) if path is not None else None
         self.records: list[StepRecord] = []
-        self.keep_last = keep_last
+        self.keep_last, self.keep_maps = keep_last, keep_maps
         self._fh = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("a", encoding="utf-8")
 
     def log(self, rec: StepRecord) -> None:
+        if self._fh is not None:  # written before any map is dropped: the file is the full record
+            self._fh.write(json.dumps(rec.to_json()) + "\n")
+            self._fh.flush()
         self.records.append(rec)
         if len(self.records) > self.keep_last:  # bounded memory on endless streams; the file keeps all
             del self.records[: len(self.records) - self.keep_last]
-        if self._fh is not None:
-            self._fh.write(json.dumps(rec.to_json()) + "\n")
-            self._fh.flush()
+        if len(self.records) > self.keep_maps:  # one record leaves the window per log: O(1) per step
+            self.records[-self.keep_maps - 1].drop_map()
 
     def summary(self, totals_ms: dict[str, float] | None = None) -> dict:
         return summarise([r.to_json() for r in self.records], totals_ms)

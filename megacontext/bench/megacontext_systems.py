@@ -59,6 +59,7 @@ from megacontext.engine import Engine, EngineConfig
 from megacontext.focus import LexicalFocus, RecencyFocus
 from megacontext.spans import BLOCK, complete_entries
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor
+from megacontext.tree.history import check_gist_level, check_indices
 from megacontext.working_context import WorkingContextConfig
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class PrefixHistory:
             raise ValueError(f"LOD{level} gists [{start_index}, {end_index}) are not complete within the prefix "
                              f"of {self.num_tokens} tokens ({self.num_entries(level)} are)")
         return self.full.gists(level, start_index, end_index)
+
+    def gather_gists(self, level: int, indices: Tensor) -> Tensor:
+        check_gist_level(level)
+        return self.full.gather_gists(level, check_indices(f"LOD{level} gist", indices, self.num_entries(level)))
 
 
 class MegaContextSystem(System):

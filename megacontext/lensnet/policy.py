@@ -1,6 +1,7 @@
 """LensPolicy: LensNet behind the engine's focus-policy protocol ``scores(wc, state) -> Tensor [E]``.
 
-The policy reads the WC's entries from the history source (``tokens(start, end)``, ``gather_gists``), builds
+The policy reads the WC's entries from the history source (``tokens(start, end)`` once per run of adjacent
+raw blocks, ``gather_gists`` for gists, so the read cost never depends on how far apart entries lie), builds
 exactly the features LensNet was trained on (see :mod:`megacontext.lensnet.views`: gist vectors, or an
 LOD0 block's mean token embedding rescaled to the base's mean embedding norm; ages from the entry centre
 to the end of the history) and a tail of the most recent ``tail_tokens`` tokens — or the prompt/query
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from megacontext.lensnet.model import LensNet
 from megacontext.spans import BLOCK, centre_tensor
+from megacontext.tree.history import gather_by_runs
 
 
 def entry_vectors_from_source(base, source, levels: Tensor, indices: Tensor) -> Tensor:
@@ -22,11 +24,10 @@ def entry_vectors_from_source(base, source, levels: Tensor, indices: Tensor) -> 
     out = torch.zeros(levels.shape[0], d, device=base.device)
     raw = levels == 0
     if bool(raw.any()):
-        blocks = indices[raw]
-        first = int(blocks.min()) * BLOCK
-        toks = source.tokens(first, (int(blocks.max()) + 1) * BLOCK).to(base.device)  # one read
-        rel = (blocks.to(base.device) * BLOCK - first).unsqueeze(1) + torch.arange(BLOCK, device=base.device)
-        mean = base.embed(toks[rel]).float().mean(1)  # [n0, d]
+        # one tokens() read per run of adjacent raw blocks: cost follows the raw entries, not their spread
+        blocks = gather_by_runs(lambda s, e: source.tokens(s * BLOCK, e * BLOCK).reshape(-1, BLOCK),
+                                indices[raw].cpu().long())  # [n0, 32]
+        mean = base.embed(blocks.to(base.device)).float().mean(1)  # [n0, d]
         out[raw.to(base.device)] = mean * (base.embed_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
     for level in (1, 2):
         m = levels == level

@@ -6,13 +6,16 @@ training and tests) satisfy :class:`HistorySource`. Invariants shared by every i
 - ``num_entries(0) == num_entries(1) == num_tokens // 32`` and ``num_entries(2) == num_tokens // 1024``;
   the ``num_tokens % 32`` tokens after the last complete block form the tail (``tail_tokens()``), which has
   no gist yet.
-- ``tokens`` returns int64 ids; ``gists`` returns ``[n, d]`` in the history's gist dtype on CPU.
+- ``tokens`` returns int64 ids; ``gists`` (a range) and ``gather_gists`` (any index set, unsorted and
+  repeated allowed) return ``[n, d]`` in the history's gist dtype on CPU. A gather reads only the rows
+  asked for, so its cost does not depend on how far apart they lie.
 - LOD2 gists are computed from LOD1 gists *as stored* (after rounding to the gist dtype), so a history
   rebuilt from its tokens reproduces its gists bit for bit whatever the batching.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -31,6 +34,42 @@ def check_range(what: str, start: int, end: int, limit: int) -> None:
 def check_level(level: int) -> None:
     if not 0 <= level <= MAX_LEVEL:
         raise ValueError(f"level={level} is out of range; expected 0..{MAX_LEVEL}")
+
+
+def check_gist_level(level: int) -> None:
+    if level not in (1, 2):
+        raise ValueError(f"level={level}; gists exist at levels 1 and 2")
+
+
+def check_indices(what: str, indices: Tensor, limit: int) -> Tensor:
+    """Validate a 1-D integer index tensor against ``[0, limit)``; returns it as int64 on CPU."""
+    if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point \
+            or indices.dtype == torch.bool:
+        got = f"{tuple(indices.shape)} {indices.dtype}" if isinstance(indices, Tensor) else type(indices).__name__
+        raise TypeError(f"{what} indices must be a 1-D integer tensor, got {got}")
+    idx = indices.detach().to("cpu", torch.long)
+    if idx.numel():
+        lo, hi = idx.aminmax()  # one pass, one sync, whatever the index count
+        if lo < 0 or hi >= limit:
+            bad = int(lo) if lo < 0 else int(hi)
+            raise IndexError(f"{what} index {bad} is outside [0, {limit})")
+    return idx
+
+
+def gather_by_runs(read_range: Callable[[int, int], Tensor], indices: Tensor) -> Tensor:
+    """Emulate a gather over a source that only reads ranges: one ``read_range(start, end)`` per run of
+    consecutive distinct indices, so the rows read are the rows asked for (never the span between them).
+
+    indices: int64 [n] on CPU, any order, repeats allowed -> ``read_range`` rows [n, ...] in that order."""
+    uniq, inverse = torch.unique(indices, sorted=True, return_inverse=True)  # [u], [n]
+    if uniq.numel() == 0:
+        return read_range(0, 0)
+    breaks = (uniq[1:] != uniq[:-1] + 1).nonzero().flatten() + 1
+    starts = torch.cat([breaks.new_zeros(1), breaks])
+    ends = torch.cat([breaks, breaks.new_tensor([uniq.numel()])])
+    bounds = torch.stack([uniq[starts], uniq[ends - 1] + 1], 1).tolist()  # one sync for all runs
+    rows = torch.cat([read_range(s, e) for s, e in bounds])  # [u, ...]: reads only what is needed
+    return rows[inverse]
 
 
 def gist_torch_dtype(name: str) -> torch.dtype:
@@ -54,6 +93,10 @@ class HistorySource(Protocol):
 
     def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
         """Gists (level 1 or 2) with indices [start_index, end_index) -> [n, d]."""
+        ...
+
+    def gather_gists(self, level: int, indices: Tensor) -> Tensor:
+        """Gists (level 1 or 2) at ``indices`` [n] (any order, repeats allowed) -> [n, d]."""
         ...
 
     def num_entries(self, level: int) -> int: ...
@@ -98,11 +141,15 @@ class InMemoryHistory:
         return self._tokens[start:end].clone()
 
     def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
-        if level not in (1, 2):
-            raise ValueError(f"level={level}; gists exist at levels 1 and 2")
+        check_gist_level(level)
         store = self._lod1 if level == 1 else self._lod2
         check_range(f"LOD{level} gist", start_index, end_index, store.shape[0])
         return store[start_index:end_index].clone()
+
+    def gather_gists(self, level: int, indices: Tensor) -> Tensor:
+        check_gist_level(level)
+        store = self._lod1 if level == 1 else self._lod2
+        return store[check_indices(f"LOD{level} gist", indices, store.shape[0])]  # [n, d], a copy
 
     def tail_tokens(self) -> Tensor:
         return self._tokens[self.num_entries(1) * BLOCK:].clone()

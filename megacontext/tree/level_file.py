@@ -161,15 +161,35 @@ class LevelFile:
             raise IndexError(f"{self.path}: rows [{start}, {end}) outside the {self.count} committed rows")
         if start == end:
             return np.empty((0, self.header.row_width), dtype=self.header.storage_dtype)
+        return np.array(self._mapping(end)[start:end])
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Committed rows at ``rows`` (int64 [n], any order, repeats allowed) -> a fresh [n, row_width] array.
+        Fancy indexing on the map touches only the pages of the rows asked for."""
+        if rows.size == 0:
+            return np.empty((0, self.header.row_width), dtype=self.header.storage_dtype)
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= self.count:
+            raise IndexError(f"{self.path}: row {lo if lo < 0 else hi} outside the {self.count} committed rows")
+        return self._mapping(hi + 1)[rows]  # fancy indexing copies
+
+    def _mapping(self, end: int) -> np.memmap:
         if self._map is None or self._mapped < end:
             self._map = np.memmap(self.path, dtype=self.header.storage_dtype, mode="r", offset=HEADER_SIZE,
                                   shape=(self.count, self.header.row_width))
             self._mapped = self.count
-        return np.array(self._map[start:end])
+        return self._map
 
-    def read_tensor(self, start: int, end: int) -> Tensor:
-        """Rows as a torch tensor in the level's logical dtype (int64 token ids at LOD0)."""
-        t = torch.from_numpy(self.read(start, end))
+    def _as_tensor(self, rows: np.ndarray) -> Tensor:
+        t = torch.from_numpy(rows)
         if self.header.level == 0:
             return t.long()
         return t.view(DTYPES[self.header.dtype][2])
+
+    def read_tensor(self, start: int, end: int) -> Tensor:
+        """Rows as a torch tensor in the level's logical dtype (int64 token ids at LOD0)."""
+        return self._as_tensor(self.read(start, end))
+
+    def gather_tensor(self, rows: np.ndarray) -> Tensor:
+        """:meth:`gather` as a torch tensor in the level's logical dtype."""
+        return self._as_tensor(self.gather(rows))

@@ -16,7 +16,8 @@ Invariants
 - Batching: completed blocks wait in RAM and are compressed in chunks aligned to absolute multiples of
   ``batch_blocks`` (which is a multiple of 32), so the bytes on disk do not depend on how the tokens were
   chunked into ``append`` calls. Reading gists of blocks still waiting forces them out early.
-- RAM is bounded by ``batch_blocks`` plus the caller's chunk; reads go through memory maps.
+- RAM is bounded by ``batch_blocks`` plus the caller's chunk; reads go through memory maps, and
+  ``gather_gists`` reads only the rows it is asked for.
 - One writer per store (``flock`` on ``LOCK``); any number of read-only openers see the state committed
   when they opened.
 """
@@ -37,7 +38,7 @@ from megacontext.config import Config, check
 from megacontext.spans import BLOCK, complete_entries
 from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
 from megacontext.tree.format import GIST_DTYPES, TOKEN_DTYPE, Header, TreeFormatError
-from megacontext.tree.history import check_level, check_range, gist_torch_dtype
+from megacontext.tree.history import check_gist_level, check_indices, check_level, check_range, gist_torch_dtype
 from megacontext.tree.layout import (
     LEVEL_FILES,
     lock,
@@ -360,12 +361,20 @@ class MegaContextTree:
 
     def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
         """Gists [start_index, end_index) of level 1 or 2 -> [n, d] in the store's gist dtype."""
-        if level not in (1, 2):
-            raise ValueError(f"level={level}; gists exist at levels 1 and 2")
+        check_gist_level(level)
         check_range(f"LOD{level} gist", start_index, end_index, self.num_entries(level))
         if end_index > self._files[level].count:
             self._drain()  # the gists of pending blocks are made on demand
         return self._files[level].read_tensor(start_index, end_index)
+
+    def gather_gists(self, level: int, indices: Tensor) -> Tensor:
+        """Gists of level 1 or 2 at ``indices`` [n] (any order, repeats allowed) -> [n, d] in the store's
+        gist dtype, read by fancy indexing on the memory map: the cost follows n, not the index spread."""
+        check_gist_level(level)
+        idx = check_indices(f"LOD{level} gist", indices, self.num_entries(level))  # int64 [n] on CPU
+        if idx.numel() and int(idx.max()) >= self._files[level].count:
+            self._drain()  # as in gists(): pending blocks are compressed on demand
+        return self._files[level].gather_tensor(idx.numpy())
 
     def tail_tokens(self) -> Tensor:
         return torch.from_numpy(self._tail.copy()).long()
