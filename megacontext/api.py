@@ -35,8 +35,8 @@ from megacontext.focus import make_policy
 from megacontext.sampling import SamplingConfig
 from megacontext.telemetry import Telemetry
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
-from megacontext.wc_tiling import EntryState, check_tiling
-from megacontext.working_context import WorkingContext
+from megacontext.wc_tiling import EntryState
+from megacontext.working_context import WorkingContext, WorkingContextError
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +291,12 @@ def _load_wc(root: Path, cfg: EngineConfig, num_tokens: int) -> WorkingContext:
         held, wc_step = int(t["num_tokens"][0]), int(t["wc_step"][0])
     except (KeyError, OSError, RuntimeError, SafetensorError) as e:
         raise StoreError(f"{path}: damaged working-context state ({e})") from e
-    try:
-        check_tiling(state, held, cfg.wc.recent_raw, cfg.wc.w_max)
-    except ValueError as e:
-        raise StoreError(f"{path}: working-context state is not a legal tiling: {e}") from e
     if held > num_tokens:
         raise StoreError(f"{path}: the working context covers {held} tokens but the tree holds only {num_tokens}")
-    wc = WorkingContext(cfg.wc)
-    wc.state, wc.num_tokens, wc.step, wc._cost = state, held, wc_step, None
+    try:
+        wc = WorkingContext.from_state(cfg.wc, state, held, wc_step)
+    except WorkingContextError as e:
+        raise StoreError(f"{path}: working-context state is not a legal tiling: {e}") from e
     if held < num_tokens:  # tokens committed after the last save (e.g. a crash): bring the WC up by recency
         log.warning("%s: tree holds %d tokens, saved WC covers %d; syncing the WC by recency", root, num_tokens,
                     held)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from megacontext.spans import BLOCK, MAX_LEVEL, centre_tensor, cost_tensor
-from megacontext.wc_tiling import WorkingContextError, entry_bounds
+from megacontext.wc_tiling import WorkingContextError, entry_bounds, segment_ids
 
 TAIL_SLOT, PAD_SLOT = -1, -2  # slot_entry values for raw-tail slots and (batched) padding
 
@@ -84,7 +84,6 @@ def _plan(levels: Tensor, indices: Tensor, num_tokens: int, source, position_mod
     if position_mode not in ("absolute", "compact"):
         raise WorkingContextError(f"position_mode={position_mode!r}; expected 'absolute' or 'compact'")
     dev = levels.device
-    n_entries = levels.shape[0]
     num_slots = cost_tensor(levels)  # [E]
     first_slot = torch.cumsum(num_slots, 0) - num_slots
     body = int(num_slots.sum())
@@ -112,7 +111,7 @@ def _plan(levels: Tensor, indices: Tensor, num_tokens: int, source, position_mod
             gists.append((slots, source.gather_gists(level, idx)))
     if position_mode == "compact":
         positions = torch.arange(length, device=dev)
-    slot_entry = torch.cat([torch.repeat_interleave(torch.arange(n_entries, device=dev), num_slots),
+    slot_entry = torch.cat([segment_ids(num_slots, body),
                             torch.full((tail,), TAIL_SLOT, dtype=torch.long, device=dev)])
     return _Plan(_read_tokens(source, raw_pos), raw_slots, gists, positions, slot_entry, first_slot, num_slots,
                  length)

@@ -14,8 +14,11 @@ Invariants of a legal tiling over a history of ``N`` tokens (``B = N // 32`` com
 
 Design choice: every legal action changes the cost by exactly 31 slots (LOD1 -> LOD0 and LOD2 -> 32
 LOD1 both add 31; the inverse collapses free 31), so budget bookkeeping reduces to counting actions.
-Rebuilding after a set of actions is one ``repeat_interleave`` (the only host sync, since the new
-entry count decides tensor sizes).
+Rebuilding after a set of actions is one :func:`segment_ids` call: the new entry count decides tensor
+sizes, so it must reach the host once; callers that know it from the action counts pass it in and avoid
+even that sync. ``segment_ids`` replaces ``torch.repeat_interleave``, which (with or without
+``output_size``) costs 15-20 ms per call on a loaded CPU waking its intra-op thread pool; the
+cumsum-of-markers form takes tens of microseconds and never syncs on CUDA.
 """
 
 from __future__ import annotations
@@ -85,6 +88,33 @@ def min_cost(num_tokens: int, recent_raw: int) -> int:
     return fp // BLOCK + fp % BLOCK + BLOCK * (blocks - fp) + tail
 
 
+def min_w_max(recent_raw: int) -> int:
+    """Smallest ``w_max`` that survives a growing history until its protected region is complete and one
+    more 1,024-token LOD2 span of older history has been gisted (so ``wc_window.reach`` >= 1,024).
+
+    It is the largest :func:`min_cost` over histories of up to ``recent_raw + 32 + 1024`` tokens, whose worst
+    case is ``recent_raw + 62``: the protected tokens and the partial tail together take up to
+    ``recent_raw + 31`` raw slots (a boundary falling mid-block rounds the protected region out to whole
+    blocks, the tail adds up to 31), and up to 31 LOD1 gists of older blocks wait for their 32nd sibling
+    before merging into one LOD2. Past that window cost grows by one slot per further LOD2 span only, so
+    any ``w_max`` from here on holds histories up to ``reach(w_max, recent_raw)``; one below fails
+    within the window."""
+    if recent_raw < 0:
+        raise ValueError(f"recent_raw={recent_raw} must be >= 0")
+    return recent_raw + 2 * (BLOCK - 1)
+
+
+def segment_ids(counts: Tensor, total: int) -> Tensor:
+    """``repeat_interleave(arange(E), counts)`` for a known ``total = counts.sum()``: [E] -> [total].
+
+    Slot j belongs to the entry whose run contains it, i.e. the number of runs that end at or before j;
+    a 1 is dropped at each run's end and cumsummed. Zero counts are fine (their entry never appears)."""
+    ends = torch.cumsum(counts, 0)  # [E]
+    marks = torch.zeros(total + 1, dtype=torch.long, device=counts.device)
+    marks.index_add_(0, ends, torch.ones_like(ends))
+    return torch.cumsum(marks[:total], 0)  # [total]
+
+
 def entry_bounds(levels: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Token spans [start, end) of each entry: two [E] int64 tensors."""
     s = span_tensor(levels)
@@ -123,12 +153,14 @@ def changed_blocks(levels: Tensor, expand: Tensor, collapse: Tensor) -> Tensor:
 
 
 def apply_actions(state: EntryState, expand: Tensor, collapse: Tensor, step: int,
-                  mark: bool = True) -> EntryState:
+                  mark: bool = True, num_out: int | None = None) -> EntryState:
     """Rebuild a tiling after a set of actions (masks over the current entries).
 
     ``expand[e]``: LOD2 -> its 32 LOD1 children, LOD1 -> its LOD0 block. ``collapse[e]``: LOD0 -> its LOD1
     gist, or, on the first of 32 LOD1 siblings, the whole run -> their LOD2 parent. Masks are assumed legal
-    and disjoint (callers check). ``mark=False`` records the change as policy-driven (no cooldown)."""
+    and disjoint (callers check). ``mark=False`` records the change as policy-driven (no cooldown).
+    ``num_out`` is the new entry count when the caller already knows it (``len(state)`` + 31 per LOD2
+    expansion - 31 per run collapse); otherwise it is computed here with one host sync."""
     lv, ix = state.levels, state.indices
     exp2, exp1 = expand & (lv == 2), expand & (lv == 1)
     col0, colg = collapse & (lv == 0), collapse & (lv == 1)
@@ -143,9 +175,11 @@ def apply_actions(state: EntryState, expand: Tensor, collapse: Tensor, step: int
     tag = torch.where(expand, EXPANDED, torch.where(collapse, COLLAPSED, state.origin)) if mark else \
         torch.where(changed, UNCHANGED, state.origin)
 
-    src = torch.repeat_interleave(torch.arange(lv.shape[0], device=lv.device), n_out)  # [E'] (host sync)
+    if num_out is None:
+        num_out = int(n_out.sum())  # the one host sync: the new entry count decides tensor sizes
+    src = segment_ids(n_out, num_out)  # [E'] source entry of each new entry
     first_out = torch.cumsum(n_out, 0) - n_out
-    offset = torch.arange(src.shape[0], device=lv.device) - first_out[src]
+    offset = torch.arange(num_out, device=lv.device) - first_out[src]
     return EntryState(new_lv[src], base_ix[src] + offset, new_born[src], tag[src])
 
 
@@ -173,7 +207,9 @@ def collapse_by_recency(state: EntryState, num_tokens: int, recent_raw: int, w_m
         take = cand & (torch.cumsum(cand.long(), 0) <= need)  # oldest first
         taken = int(take.sum())
         none = torch.zeros_like(take)
-        state = apply_actions(state, none, take, step, mark=False)
+        # a block collapse keeps the entry count, a run collapse removes 31 entries
+        num_out = len(state) - (taken * ACTION_COST if stage == 1 else 0)
+        state = apply_actions(state, none, take, step, mark=False, num_out=num_out)
         excess -= taken * ACTION_COST
     if excess > 0:  # unreachable when min_cost is right; keep the guarantee explicit
         raise InvariantError(f"recency policy left the tiling {excess} slots over w_max={w_max}")

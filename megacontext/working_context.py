@@ -40,6 +40,7 @@ from megacontext.wc_tiling import (
     collapse_by_recency,
     entry_bounds,
     first_protected_block,
+    min_w_max,
     sibling_runs,
 )
 
@@ -59,10 +60,13 @@ class WorkingContextConfig(Config):
 
     def __post_init__(self):
         check(self.recent_raw >= 0, f"recent_raw={self.recent_raw} must be >= 0")
-        # the protected recent tokens may start mid-block: up to 31 more raw tokens, plus room for a gist
-        floor = self.recent_raw + BLOCK
-        check(self.w_max >= floor, f"w_max={self.w_max} must be >= recent_raw + 32 = {floor} "
-                                   "(room for the protected recent blocks and at least one gist)")
+        # recent_raw + 32 is not enough: a mid-block protected boundary, a partial tail and the LOD1 gists
+        # of a history not yet 1,024 tokens long add up to ~60 slots (see wc_tiling.min_w_max)
+        floor = min_w_max(self.recent_raw)
+        check(self.w_max >= floor,
+              f"w_max={self.w_max} is too small for recent_raw={self.recent_raw}: need w_max >= {floor} "
+              "(protected recent blocks, up to 31 tail tokens and the gists of the first 1,024 tokens), "
+              "or lower recent_raw")
         check(self.position_mode in ("absolute", "compact"),
               f"position_mode={self.position_mode!r}; expected 'absolute' or 'compact'")
 
@@ -90,6 +94,21 @@ class WorkingContext:
         self.num_tokens = 0
         self.step = 0
         self._cost: int | None = 0
+
+    @classmethod
+    def from_state(cls, cfg: WorkingContextConfig, state: EntryState, num_tokens: int, step: int = 0,
+                   device: torch.device | str | None = None) -> WorkingContext:
+        """Restore a saved tiling (e.g. from a store) over a history of ``num_tokens`` tokens.
+
+        The tiling is validated with :func:`check_invariants`; an illegal one raises the specific
+        :class:`InvariantError` and no working context is returned."""
+        if num_tokens < 0 or step < 0:
+            raise WorkingContextError(f"num_tokens={num_tokens} and step={step} must both be >= 0")
+        fields = [torch.as_tensor(t, device=device).long() for t in state.fields()]
+        wc = cls(cfg, fields[0].device)
+        wc.state, wc.num_tokens, wc.step, wc._cost = EntryState(*fields), num_tokens, step, None
+        check_invariants(wc)
+        return wc
 
     @classmethod
     def assemble(cls, num_tokens: int, cfg: WorkingContextConfig | None = None,
@@ -195,7 +214,8 @@ class WorkingContext:
                                      f"{self.cost + ACTION_COST} > w_max={self.cfg.w_max}; collapse something first")
         mask = torch.zeros(len(self), dtype=torch.bool, device=self.device)
         mask[e] = True
-        self._swap(apply_actions(self.state, mask, torch.zeros_like(mask), self.step))
+        grown = len(self) + (ACTION_COST if lvl == 2 else 0)  # LOD2 -> 32 entries
+        self._swap(apply_actions(self.state, mask, torch.zeros_like(mask), self.step, num_out=grown))
 
     def collapse(self, entry: int) -> None:
         """LOD0 block -> its LOD1 gist; an LOD1 gist -> its LOD2 parent, which needs all 32 siblings present
@@ -219,7 +239,8 @@ class WorkingContext:
                     f"below the protected blocks (>= {fp})")
         mask = torch.zeros(len(self), dtype=torch.bool, device=self.device)
         mask[start] = True
-        self._swap(apply_actions(self.state, torch.zeros_like(mask), mask, self.step))
+        shrunk = len(self) - (ACTION_COST if lvl == 1 else 0)  # 32 LOD1 entries -> 1
+        self._swap(apply_actions(self.state, torch.zeros_like(mask), mask, self.step, num_out=shrunk))
 
     # ------------------------------------------------------------------ focus
     def refocus(self, scores: Tensor, allocator_cfg: AllocatorConfig | None = None) -> StepTelemetry:

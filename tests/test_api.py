@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from megacontext.api import ENGINE_FILE, WC_FILE, MegaContext, StoreError
 from megacontext.base import FrozenBase
@@ -109,3 +110,14 @@ def test_lensnet_policy_plugs_in(tiny_base, tmp_path):
         check_invariants(mc.engine.wc)
     with MegaContext.open(tmp_path / "mem", tiny_base) as mc:  # the checkpoint path is remembered
         assert mc.engine.policy.name == "lensnet"
+
+
+def test_corrupted_wc_tiling_is_a_store_error(tiny_base, tmp_path):
+    store = tmp_path / "mem"
+    with MegaContext.create(store, tiny_base, config=CFG, durable=False) as mc:
+        mc.ingest(torch.randint(1, 128, (300,)))
+    tensors = load_file(str(store / WC_FILE))
+    tensors["levels"][-1] = 1  # the newest block, inside the protected recent tokens, as a gist
+    save_file(tensors, str(store / WC_FILE))
+    with pytest.raises(StoreError, match="not a legal tiling.*overlaps the protected recent 64 tokens"):
+        MegaContext.open(store, tiny_base)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from megacontext.config import ConfigError
 from megacontext.spans import BLOCK
 from megacontext.wc_materialize import PAD_SLOT, TAIL_SLOT, materialize_batch
-from megacontext.wc_tiling import EntryState, min_cost, sibling_runs
+from megacontext.wc_tiling import EntryState, min_cost, min_w_max, segment_ids, sibling_runs
 from megacontext.working_context import (
     BudgetError,
     HistorySource,
@@ -82,7 +82,7 @@ def test_assembly_is_recency_ordered_and_fills_budget():
 @given(w_max=st.integers(200, 3000), recent=st.integers(0, 150),
        steps=st.lists(st.integers(0, 5000), min_size=1, max_size=12))
 def test_sync_keeps_invariants(w_max, recent, steps):
-    cfg = WorkingContextConfig(w_max=max(w_max, recent + BLOCK), recent_raw=recent)
+    cfg = WorkingContextConfig(w_max=max(w_max, min_w_max(recent)), recent_raw=recent)
     wc = WorkingContext(cfg)
     n = 0
     for inc in steps:
@@ -272,3 +272,11 @@ def test_materialize_is_differentiable_in_gists():
     wc = WorkingContext.assemble(20_000, WorkingContextConfig(w_max=1024))
     wc.materialize(src, _table_embed()).inputs_embeds.sum().backward()
     assert src.gist_tables[1].grad.abs().sum() > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(0, 40), max_size=60))
+def test_segment_ids_equals_repeat_interleave(counts):
+    n = torch.tensor(counts, dtype=torch.long)
+    want = torch.repeat_interleave(torch.arange(n.shape[0]), n)
+    assert torch.equal(segment_ids(n, int(n.sum())), want)
