@@ -1,5 +1,5 @@
-"""megacontext.distributed: single-process behaviour, and 2-process gloo runs of the GistNet trainer that must
-reproduce a 1-process run with the same global batch (the identical-results rule)."""
+"""megacontext.distributed: single-process behaviour, and 2-process gloo runs of the GistNet and LensNet trainers
+that must reproduce a 1-process run with the same global batch (the identical-results rule)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from megacontext import distributed as D
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+LENS_WORKER = Path(__file__).with_name("distributed_lens_worker.py")
 
 
 def test_single_process_without_torchrun(monkeypatch):
@@ -71,12 +72,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_ranks(args: list[str], tmp: Path) -> None:
+def _launch_two_ranks(args: list[str], tmp: Path, worker: Path = WORKER) -> None:
     """Start 2 workers with exactly the environment torchrun gives them (without torchrun's agent process,
     which would cost one more interpreter start-up on a 2-core box)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WORLD_SIZE": "2",
            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), *args], cwd=tmp, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(worker), *args], cwd=tmp, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -84,8 +85,8 @@ def _launch_two_ranks(args: list[str], tmp: Path) -> None:
         assert p.returncode == 0, out[-4000:]
 
 
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
+def _load_worker(worker: Path = WORKER):
+    spec = importlib.util.spec_from_file_location(worker.stem, worker)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -126,3 +127,54 @@ def test_two_process_gloo_gistnet_matches_one_process(tmp_path, tiny_model_dir, 
     # rank 0 alone wrote one metrics line per step
     lines = [json.loads(x) for x in (tmp_path / "ddp" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, steps + 1))
+
+
+def test_two_process_gloo_lensnet_matches_one_process(tmp_path, tiny_model_dir, monkeypatch):
+    from megacontext.base import FrozenBase
+    from megacontext.lensnet.model import LensNet
+
+    worker = _load_worker(LENS_WORKER)
+    base = FrozenBase.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    labels = tmp_path / "labels"
+    worker.make_labels(labels, base.d_model, base.fingerprint)
+    rows, steps = 2, 4  # 2 ranks x 2 contexts == 1 process x 4 contexts
+    _launch_two_ranks([str(tiny_model_dir), str(labels), str(tmp_path / "ddp"), str(rows), str(steps)], tmp_path,
+                      LENS_WORKER)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        worker.main(str(tiny_model_dir), str(labels), str(tmp_path / "single"), 2 * rows, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+    ddp = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    one = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    assert ddp.keys() == one.keys()
+    for k in one:
+        a, b = ddp[k], one[k]
+        if k.endswith("kv.bias"):
+            # the key half of the bias cannot change attention (softmax is shift-invariant), so its true
+            # gradient is 0 and AdamW turns float noise into steps of ~lr: only the value half is comparable
+            a, b = a[a.shape[0] // 2:], b[b.shape[0] // 2:]
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (k, float((a - b).abs().max()))
+    # and the two nets score alike (this covers the key biases too)
+    nets = [LensNet.load(tmp_path / run / "final", base)[0] for run in ("ddp", "single")]
+    from megacontext.lensnet.labels import LabelSet
+    from megacontext.lensnet.train import run_net
+
+    batch = LabelSet.load(labels).collate(list(range(8)))
+    with torch.no_grad():
+        s_ddp, s_one = (run_net(n, base, batch) for n in nets)
+    assert torch.allclose(s_ddp, s_one, atol=2e-5), float((s_ddp - s_one).abs().max())
+    torch.manual_seed(0)  # what the trainer does before building LensNet (seed=0)
+    init = LensNet(worker.train_config("", "", rows, steps).model, base.d_model).state_dict()
+    assert max(float((one[k] - init[k].float()).abs().max()) for k in one) > 1e-3
+
+    # rank 0 alone logged: one line for the last step, whose loss terms are the global-batch values
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [steps] == [r["step"] for r in ref]
+    for k in ("loss", "regression", "ranking", "budget", "spearman"):
+        assert lines[0][k] == pytest.approx(ref[0][k], abs=1e-4), k
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world"] == 2

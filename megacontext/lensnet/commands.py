@@ -4,6 +4,11 @@ Documents come from ``docs`` paths: a token-cache directory (``index.json``), a 
 token tensors (how small document sets travel to a GPU machine), or ``.txt`` files / directories of them
 (tokenised with the base model's tokenizer). Every ``holdout_every``-th document (0, k, 2k, ...) is held
 out for ``eval focus`` and never labelled for training.
+
+``train lensnet`` runs under ``torchrun --nproc_per_node=N`` too: rank 0 generates (or completes) the label
+cache while the other ranks wait at a barrier, then all ranks train data-parallel
+(:func:`megacontext.lensnet.train.train_lensnet`). Labelling is not sharded, and a long labelling pass can
+outlast the process group's collective timeout: label in one process first, then launch training.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from megacontext import distributed as D
 from megacontext.config import Config, add_config_args, check, config_from_args
 from megacontext.lensnet.focus_eval import FocusEvalConfig, end_to_end, qmsum_eval, qmsum_items
 from megacontext.lensnet.labels import LabelConfig, LabelSet, generate_labels
@@ -86,11 +92,11 @@ def split_docs(docs, names, every: int, held_out: bool):
     return [docs[i] for i in keep], [names[i] for i in keep]
 
 
-def _setup(cfg):
+def _setup(cfg, device=None):
     from megacontext.base import FrozenBase
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    base = FrozenBase.load(cfg.base, device=cfg.device, dtype=cfg.dtype)
+    base = FrozenBase.load(cfg.base, device=device or cfg.device, dtype=cfg.dtype)
     if cfg.gistnet:
         from megacontext.gistnet.model import GistNet
 
@@ -106,14 +112,22 @@ def _setup(cfg):
 
 def cmd_train(args) -> int:
     cfg = config_from_args(LensRunConfig, args, args.config)
-    base, comp, version = _setup(cfg)
-    docs, names = split_docs(*load_docs(cfg.docs, base), cfg.holdout_every, held_out=False)
-    label_dir = cfg.train.labels
-    stats = generate_labels(base, comp, docs, cfg.labels, label_dir, version, names)
-    Path(cfg.train.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.train.out) / "label_stats.json").write_text(json.dumps(stats, indent=2))
-    metrics = train_lensnet(base, cfg.train)
-    print(json.dumps({"labels": stats, "train": metrics}, indent=2))
+    info = D.init_distributed(cfg.device)
+    D.quiet_non_main_ranks(info)
+    try:
+        base, comp, version = _setup(cfg, D.rank_device(info, cfg.device))
+        stats: dict = {}
+        if info.main:
+            docs, names = split_docs(*load_docs(cfg.docs, base), cfg.holdout_every, held_out=False)
+            stats = generate_labels(base, comp, docs, cfg.labels, cfg.train.labels, version, names)
+            Path(cfg.train.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.train.out) / "label_stats.json").write_text(json.dumps(stats, indent=2))
+        D.barrier()  # the label cache is complete before any rank loads it
+        metrics = train_lensnet(base, cfg.train, info)
+        if info.main:
+            print(json.dumps({"labels": stats, "train": metrics}, indent=2))
+    finally:
+        D.teardown()
     return 0
 
 

@@ -12,10 +12,16 @@ set's scale, so ``huber_delta`` and ``rank_margin`` are in units of "typical uti
 - Budget: the soft count of expansions the scores ask for (sigmoid of positive scores on expandable
   entries) should match the soft count of collapses they offer (sigmoid of negative scores on collapsible
   entries); every action moves 31 slots, so equal counts keep the working context at its budget.
+
+Every term is a sum over items divided by an item count (labelled entries, pairs, contexts). The
+``*_sums`` functions expose the (sum, count) pairs so that data-parallel training can divide by the
+*global* count (the per-rank counts of labelled entries and pairs differ); :func:`lens_loss` takes the
+division as an argument and divides locally by default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,39 +48,67 @@ class LensLossConfig(Config):
         check(self.budget_temperature > 0, f"budget_temperature={self.budget_temperature} must be > 0")
 
 
-def regression_loss(scores: Tensor, targets: Tensor, labelled: Tensor, delta: float) -> Tensor:
-    """Mean Huber loss over labelled entries. scores/targets [B, E], labelled [B, E] bool -> 0-dim."""
+def regression_sums(scores: Tensor, targets: Tensor, labelled: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """(sum of Huber losses over labelled entries, number of labelled entries); inputs [B, E] -> two 0-dim."""
     per = F.huber_loss(scores, targets.nan_to_num(0.0), reduction="none", delta=delta)  # [B, E]
     w = labelled.float()
-    return (per * w).sum() / w.sum().clamp_min(1.0)
+    return (per * w).sum(), w.sum()
 
 
-def ranking_loss(scores: Tensor, targets: Tensor, labelled: Tensor, margin: float) -> Tensor:
-    """Bradley-Terry over all within-context pairs with ``t_i - t_j > margin``. -> 0-dim mean over pairs."""
+def ranking_sums(scores: Tensor, targets: Tensor, labelled: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """(sum of Bradley-Terry losses, number of pairs) over within-context pairs with ``t_i - t_j > margin``."""
     t = targets.nan_to_num(0.0)
     dt = t.unsqueeze(2) - t.unsqueeze(1)  # [B, E, E]: t_i - t_j
     ds = scores.unsqueeze(2) - scores.unsqueeze(1)  # [B, E, E]
     pair = (dt > margin) & labelled.unsqueeze(2) & labelled.unsqueeze(1)
     w = pair.float()
-    return (F.softplus(-ds) * w).sum() / w.sum().clamp_min(1.0)
+    return (F.softplus(-ds) * w).sum(), w.sum()
+
+
+def budget_sums(scores: Tensor, expandable: Tensor, collapsible: Tensor, entry_mask: Tensor,
+                temperature: float) -> tuple[Tensor, Tensor]:
+    """(sum over contexts of the squared expansion/collapse imbalance as a fraction of the context's entries,
+    number of contexts)."""
+    p = torch.sigmoid(scores / temperature)  # [B, E]
+    want = (p * (expandable & entry_mask).float()).sum(1)  # [B]
+    offer = ((1 - p) * (collapsible & entry_mask).float()).sum(1)
+    n = entry_mask.float().sum(1).clamp_min(1.0)
+    per = ((want - offer) / n) ** 2  # [B]
+    return per.sum(), torch.tensor(float(per.shape[0]), device=per.device)
+
+
+def _local_mean(total: Tensor, count: Tensor) -> Tensor:
+    return total / count.clamp_min(1.0)
+
+
+def regression_loss(scores: Tensor, targets: Tensor, labelled: Tensor, delta: float) -> Tensor:
+    """Mean Huber loss over labelled entries. scores/targets [B, E], labelled [B, E] bool -> 0-dim."""
+    return _local_mean(*regression_sums(scores, targets, labelled, delta))
+
+
+def ranking_loss(scores: Tensor, targets: Tensor, labelled: Tensor, margin: float) -> Tensor:
+    """Bradley-Terry over all within-context pairs with ``t_i - t_j > margin``. -> 0-dim mean over pairs."""
+    return _local_mean(*ranking_sums(scores, targets, labelled, margin))
 
 
 def budget_loss(scores: Tensor, expandable: Tensor, collapsible: Tensor, entry_mask: Tensor,
                 temperature: float) -> Tensor:
     """Squared imbalance between soft expansion and collapse counts, per context, as a fraction of its
     entries. -> 0-dim mean over contexts."""
-    p = torch.sigmoid(scores / temperature)  # [B, E]
-    want = (p * (expandable & entry_mask).float()).sum(1)  # [B]
-    offer = ((1 - p) * (collapsible & entry_mask).float()).sum(1)
-    n = entry_mask.float().sum(1).clamp_min(1.0)
-    return (((want - offer) / n) ** 2).mean()
+    return _local_mean(*budget_sums(scores, expandable, collapsible, entry_mask, temperature))
 
 
 def lens_loss(scores: Tensor, targets: Tensor, labelled: Tensor, expandable: Tensor, collapsible: Tensor,
-              entry_mask: Tensor, cfg: LensLossConfig) -> dict[str, Tensor]:
-    """All terms and their weighted sum under ``"loss"``; every tensor [B, E]."""
-    reg = regression_loss(scores, targets, labelled, cfg.huber_delta)
-    rank = ranking_loss(scores, targets, labelled, cfg.rank_margin)
-    bud = budget_loss(scores, expandable, collapsible, entry_mask, cfg.budget_temperature)
+              entry_mask: Tensor, cfg: LensLossConfig,
+              mean: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """All terms and their weighted sum under ``"loss"``; every tensor [B, E].
+
+    ``mean(sum, count)`` turns each term's (sum, count) into its value; the default divides locally. Data
+    parallel training passes :func:`megacontext.distributed.global_mean`, so every term is normalised by
+    its count over the whole global batch (labelled entries and pairs differ between ranks)."""
+    mean = mean or _local_mean
+    reg = mean(*regression_sums(scores, targets, labelled, cfg.huber_delta))
+    rank = mean(*ranking_sums(scores, targets, labelled, cfg.rank_margin))
+    bud = mean(*budget_sums(scores, expandable, collapsible, entry_mask, cfg.budget_temperature))
     total = cfg.regression * reg + cfg.ranking * rank + cfg.budget * bud
     return {"loss": total, "regression": reg, "ranking": rank, "budget": bud}

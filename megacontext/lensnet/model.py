@@ -160,6 +160,12 @@ class LensNet(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def dead_parameters(self) -> list[nn.Parameter]:
+        """Parameters that cannot influence the scores: the last layer's tail update feeds nothing. They stay
+        in the module for checkpoint compatibility; trainers freeze them so DDP finds no unused parameters."""
+        last = self.layers[-1]
+        return [*last.n_mlp_t.parameters(), *last.mlp_t.parameters()]
+
     def forward(self, entries: Tensor, levels: Tensor, ages: Tensor, entry_mask: Tensor, tail: Tensor,
                 tail_mask: Tensor | None = None) -> Tensor:
         if entries.dim() != 3 or entries.shape[-1] != self.d_model:

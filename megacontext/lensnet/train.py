@@ -9,6 +9,13 @@ and targets (ranking quality: the allocator only uses the order), sign agreement
 
 Resume: ``<out>/last/`` holds the weights (``model.safetensors`` + ``config.json``) and ``trainer.safetensors``
 (AdamW moments, step, RNG state as tensors, no pickle); rerunning the same command continues from it.
+
+Data parallel (``torchrun --nproc_per_node=N``, see :mod:`megacontext.distributed`): ``batch_size`` is
+contexts per rank, so a step consumes a global batch of ``batch_size * N`` contexts. Every rank draws the
+same seeded global batch of indices and keeps its contiguous slice; LensNet is DDP-wrapped, and the loss
+terms are divided by their counts over the global batch (labelled entries and pairs differ between
+ranks), so N ranks reproduce one process with ``batch_size * N`` contexts up to float reduction order.
+Only rank 0 evaluates, logs metrics and writes checkpoints; the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from megacontext import distributed as D
 from megacontext.config import Config, check
 from megacontext.lensnet.labels import LabelSet
 from megacontext.lensnet.loss import LensLossConfig, lens_loss
@@ -38,7 +46,7 @@ class LensTrainConfig(Config):
     labels: str = "runs/lensnet/labels"  # label cache directory (megacontext.lensnet.labels)
     out: str = "runs/lensnet"
     steps: int = 1500
-    batch_size: int = 16  # contexts per step
+    batch_size: int = 16  # contexts per step per rank (global batch = batch_size * world size)
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 100
@@ -84,11 +92,12 @@ def tail_inputs(base, tail_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return base.embed(tail_ids.clamp(min=0)).float() * mask.unsqueeze(-1).to(base.device), mask
 
 
-def run_net(net: LensNet, base, batch: dict) -> torch.Tensor:
+def run_net(net: LensNet, base, batch: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """Scores [B, E] of a collated batch; ``model`` (e.g. the DDP wrapper of ``net``) runs the forward."""
     dev = base.device
     tail, tmask = tail_inputs(base, batch["tail"][:, -net.cfg.tail_tokens:].to(dev))
-    return net(batch["entries"].to(dev), batch["levels"].to(dev), batch["ages"].to(dev), batch["mask"].to(dev),
-               tail, tmask.to(dev))
+    return (model or net)(batch["entries"].to(dev), batch["levels"].to(dev), batch["ages"].to(dev),
+                          batch["mask"].to(dev), tail, tmask.to(dev))
 
 
 def spearman_per_context(scores: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
@@ -163,8 +172,11 @@ def _restore(out: Path, net, opt) -> int:
     return int(state["step"])
 
 
-def train_lensnet(base, cfg: LensTrainConfig) -> dict:
-    """Train (or resume) and return the final validation metrics. Checkpoints: <out>/last, <out>/final."""
+def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) -> dict:
+    """Train (or resume) and return the final validation metrics (rank 0; other ranks get only the target
+    scale). Checkpoints: <out>/last, <out>/final. ``info``: the process group this rank is in; ``None``
+    joins torchrun's group when launched under it, else runs as one process."""
+    info = info if info is not None else D.init_distributed(base.device.type)
     torch.manual_seed(cfg.seed)
     labels = LabelSet.load(cfg.labels)
     meta = labels.meta(cfg.labels)
@@ -175,11 +187,13 @@ def train_lensnet(base, cfg: LensTrainConfig) -> dict:
     if len(train_set) == 0:
         raise ValueError(f"no training contexts left after holding out val_fraction={cfg.val_fraction}")
     scale = target_scale(train_set)
-    log.info("LensNet: %d train / %d val contexts, target scale %.4g nats/token", len(train_set), len(val_set), scale)
+    log.info("LensNet: %d train / %d val contexts, target scale %.4g nats/token; %d rank(s) x %d contexts",
+             len(train_set), len(val_set), scale, info.world, cfg.batch_size)
     net = LensNet(cfg.model, base.d_model).to(base.device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
     last = out / "last"
     start = 0
     if (last / "trainer.safetensors").is_file():
@@ -187,45 +201,60 @@ def train_lensnet(base, cfg: LensTrainConfig) -> dict:
         net.load_state_dict(state.state_dict())
         start = _restore(last, net, opt)
         log.info("resumed from %s at step %d", last, start)
-    gen = torch.Generator().manual_seed(cfg.seed + start)
-    jsonl = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (kept open across the loop)
+    for p in net.dead_parameters():  # never receive a gradient; DDP would otherwise wait for them
+        p.requires_grad_(False)
+    model = D.wrap_ddp(net, info, base.device)  # after loading: DDP broadcasts rank 0's weights
+    mean = D.global_mean if info.enabled else None
+    gen = torch.Generator().manual_seed(cfg.seed + start)  # same stream on every rank: never rank-dependent
+    jsonl = open(out / "metrics.jsonl", "a") if info.main else None  # noqa: SIM115 (kept open across the loop)
     metrics: dict = {}
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), desc="lensnet", initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="lensnet", initial=start, total=cfg.steps, disable=not info.main)
     for step in bar:
-        net.train()
+        model.train()
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
-        idx = torch.randint(len(train_set), (cfg.batch_size,), generator=gen).tolist()
-        b = train_set.collate(idx)
+        idx = torch.randint(len(train_set), (cfg.batch_size * info.world,), generator=gen)  # global batch
+        b = train_set.collate(D.split_global_batch(idx, info.rank, info.world).tolist())
         tgt, lab = batch_targets(b, scale)
-        s = run_net(net, base, b)
+        s = run_net(net, base, b, model)
         dev = s.device
         terms = lens_loss(s, tgt.to(dev), lab.to(dev), b["expandable"].to(dev), b["collapsible"].to(dev),
-                          b["mask"].to(dev), cfg.loss)
+                          b["mask"].to(dev), cfg.loss, mean=mean)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)  # grads already rank-averaged
         opt.step()
         done = step + 1
+        evaluating = done % cfg.eval_every == 0 or done == cfg.steps
+        saving = done % cfg.save_every == 0 or done == cfg.steps
         if done % 10 == 0 or done == cfg.steps:
-            rec = {"step": done, "lr": _lr(cfg, step), "grad_norm": float(gnorm),
-                   **{k: float(v.detach()) for k, v in terms.items()}, "seconds": round(time.perf_counter() - t0, 1)}
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                if len(val_set):
-                    metrics = evaluate(net, base, val_set, scale, cfg.loss)
-                    rec.update(metrics)
-                log.info("step %d: %s", done, {k: round(v, 4) for k, v in rec.items() if isinstance(v, float)})
-            jsonl.write(json.dumps(rec) + "\n")
-            jsonl.flush()
-        if done % cfg.save_every == 0 or done == cfg.steps:
+            # every rank joins the average; with global_mean the rank mean of each term is its global value
+            terms = D.all_reduce_mean({k: v.detach() for k, v in terms.items()})
+            if info.main:
+                rec = {"step": done, "lr": _lr(cfg, step), "grad_norm": float(gnorm),
+                       **{k: float(v) for k, v in terms.items()}, "seconds": round(time.perf_counter() - t0, 1)}
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if evaluating:
+                    if len(val_set):
+                        metrics = evaluate(net, base, val_set, scale, cfg.loss)
+                        rec.update(metrics)
+                    log.info("step %d: %s", done, {k: round(v, 4) for k, v in rec.items() if isinstance(v, float)})
+                jsonl.write(json.dumps(rec) + "\n")
+                jsonl.flush()
+        if saving and info.main:
             _save(last, net, opt, base, cfg, done, scale, metrics)
+        if info.enabled and (saving or evaluating):
+            D.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+    if not info.main:
+        D.barrier()  # pairs with rank 0's barrier after the final checkpoint below
+        return {"target_scale": scale}
     jsonl.close()
     final = out / "final"
     net.save(final, base, extra={"step": cfg.steps, "target_scale": scale, "train_config": cfg.to_dict(),
                                  "metrics": metrics, "label_meta": {k: meta[k] for k in ("config", "compressor")}})
     (out / "summary.json").write_text(json.dumps({"target_scale": scale, "train_contexts": len(train_set),
                                                   "val_contexts": len(val_set), "params": net.num_params(),
-                                                  **metrics}, indent=2))
+                                                  "world": info.world, **metrics}, indent=2))
+    D.barrier()
     return {"target_scale": scale, **metrics}
