@@ -60,6 +60,7 @@ from megacontext.focus import LexicalFocus, RecencyFocus
 from megacontext.spans import BLOCK, complete_entries
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor
 from megacontext.tree.history import check_gist_level, check_indices
+from megacontext.wc_tiling import min_w_max
 from megacontext.working_context import WorkingContextConfig
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,9 @@ class MegaContextSystem(System):
     def _score_chunk(self, history: InMemoryHistory, sample: Sample, s: int, e: int, w_max: int):
         h, base, cfg = e - s, self.base, self.cfg
         budget = w_max - h
-        if budget < cfg.recent_raw + BLOCK:
+        if budget < min_w_max(cfg.recent_raw):
             raise ValueError(f"{self.name}: w_max={w_max} leaves {budget} WC slots for a chunk of {h}; need at least "
-                             f"recent_raw + 32 = {cfg.recent_raw + BLOCK} (lower chunk or recent_raw)")
+                             f"{min_w_max(cfg.recent_raw)} for recent_raw={cfg.recent_raw} (lower chunk or recent_raw)")
         engine = self._engine(history, s, budget)
         if cfg.rounds and not isinstance(engine.policy, RecencyFocus):
             engine.focus_on(sample.tokens[max(s - cfg.query_tokens, 0):s], rounds=cfg.rounds)

@@ -27,6 +27,7 @@ from megacontext.wc_tiling import (
     collapse_by_recency,
     first_protected_block,
     min_cost,
+    segment_ids,
     sibling_runs,
 )
 
@@ -66,7 +67,7 @@ class DocView:
     def entry_slots(self, levels: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Slots of a tiling: (token ids [L], gist rows [L], positions [L]), L = total cost."""
         n = cost_tensor(levels)
-        src = torch.repeat_interleave(torch.arange(levels.shape[0], device=levels.device), n)  # [L]
+        src = segment_ids(n, int(n.sum()))  # [L] entry of each slot
         j = torch.arange(src.shape[0], device=levels.device) - (torch.cumsum(n, 0) - n)[src]  # slot in entry
         lv, ix = levels[src], indices[src]
         raw = lv == 0
