@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from megacontext.checkpoint import load_checkpoint, save_checkpoint
 from megacontext.config import Config, check
+from megacontext.layers import SwiGLU
 from megacontext.spans import BLOCK, MAX_LEVEL
 
 if TYPE_CHECKING:
@@ -81,18 +82,6 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class _Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, dropout: float):
-        super().__init__()
-        self.up = nn.Linear(width, 2 * hidden)
-        self.down = nn.Linear(hidden, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.up(x).chunk(2, dim=-1)
-        return self.drop(self.down(F.silu(a) * b))
-
-
 class _Block(nn.Module):
     """Pre-norm bidirectional self-attention + SwiGLU MLP."""
 
@@ -103,7 +92,7 @@ class _Block(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.RMSNorm(width)
-        self.mlp = _Mlp(width, hidden, dropout)
+        self.mlp = SwiGLU(width, hidden, dropout)
         self.dropout = dropout
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -130,7 +119,7 @@ class _Trunk(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.pool_proj = nn.Linear(width, width)
         self.norm_out = nn.RMSNorm(width)
-        self.mlp = _Mlp(width, hidden, cfg.dropout)
+        self.mlp = SwiGLU(width, hidden, cfg.dropout)
         self.out = nn.Linear(width, d_model)
         self.skip = nn.Linear(d_model, d_model, bias=False)
         nn.init.zeros_(self.out.weight)  # untrained net == mean pooling (see module docstring)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from megacontext.checkpoint import load_checkpoint, save_checkpoint
 from megacontext.config import Config, check
+from megacontext.layers import SwiGLU
 from megacontext.spans import MAX_LEVEL
 
 if TYPE_CHECKING:
@@ -79,18 +80,6 @@ def age_encoding(ages: Tensor, n_freq: int) -> Tensor:
     return torch.cat([x.unsqueeze(-1), ang.sin(), ang.cos()], dim=-1)
 
 
-class _Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, dropout: float):
-        super().__init__()
-        self.up = nn.Linear(width, 2 * hidden)
-        self.down = nn.Linear(hidden, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.up(x).chunk(2, dim=-1)
-        return self.drop(self.down(F.silu(a) * b))
-
-
 class _Attention(nn.Module):
     """Multi-head attention of queries ``x [B, Tq, w]`` over keys/values ``y [B, Tk, w]`` with a key mask."""
 
@@ -122,7 +111,7 @@ class _DualLayer(nn.Module):
         self.entries_read = _Attention(width, heads, dropout)
         self.entries_self = _Attention(width, heads, dropout)
         self.n_mlp_e, self.n_mlp_t = nn.RMSNorm(width), nn.RMSNorm(width)
-        self.mlp_e, self.mlp_t = _Mlp(width, hidden, dropout), _Mlp(width, hidden, dropout)
+        self.mlp_e, self.mlp_t = SwiGLU(width, hidden, dropout), SwiGLU(width, hidden, dropout)
 
     def forward(self, e: Tensor, t: Tensor, e_mask: Tensor, t_mask: Tensor) -> tuple[Tensor, Tensor]:
         t = t + self.tail_reads(self.n_tail(t), self.n_ent_kv(e), e_mask)  # [B, T, w]
