@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from megacontext.allocator import AllocatorConfig, allocate, choose_actions
 from megacontext.device import select_device
+from megacontext.eval.provenance import git_commit
 from megacontext.spans import BLOCK, cost_tensor
 from megacontext.wc_tiling import EntryState, check_tiling, first_protected_block
 
@@ -84,14 +84,6 @@ def bench_size(entries: int, device: torch.device, reps: int, cfg: AllocatorConf
     return {"entries": entries, "decide_ms": ms(decide), "decide_host_ms": ms(host), "step_ms": ms(step)}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (GPU), torch {torch.__version__}"
@@ -128,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(args.device)
     cfg = AllocatorConfig()
     rows = [bench_size(n, device, args.reps, cfg) for n in args.sizes]
-    run = {"device": device.type, "machine": machine(device), "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
+    run = {"device": device.type, "machine": machine(device), "commit": git_commit(REPO),
+           "date": time.strftime("%Y-%m-%d"),
            "command": "python benchmarks/allocator.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "config": cfg.to_dict(), "rows": rows}
     path = OUT / "allocator.json"

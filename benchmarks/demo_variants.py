@@ -12,22 +12,15 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
 from megacontext.demo import DemoConfig, run_demo
+from megacontext.eval.provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = [(g, p, r) for g in ("none", "auto") for p in ("absolute", "compact") for r in (128, 256)]
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores, {platform.machine()}, load avg {os.getloadavg()[0]:.1f})"
 
 
 def main() -> None:
@@ -36,8 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo_variants")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit(REPO)
     rows = []
     for gist, mode, recent in VARIANTS:
         cfg = DemoConfig(out=f"{args.out}/{gist}-{mode}-{recent}", chars=args.chars, recent_raw=recent,
@@ -54,7 +46,8 @@ def main() -> None:
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
-    where = machine()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = f"{machine(device)}, load avg {os.getloadavg()[0]:.1f}"
     res = REPO / "docs" / "results"
     res.mkdir(parents=True, exist_ok=True)
     (res / "demo_variants.json").write_text(json.dumps({"commit": commit, "machine": where, "chars": args.chars,

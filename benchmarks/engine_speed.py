@@ -11,8 +11,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +21,11 @@ from megacontext.api import MegaContext
 from megacontext.base import FrozenBase
 from megacontext.demo_input import ships_log
 from megacontext.engine import EngineConfig
+from megacontext.eval.provenance import git_commit, machine
 from megacontext.sampling import SamplingConfig
 from megacontext.working_context import WorkingContextConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores, {platform.machine()}, load avg {os.getloadavg()[0]:.1f})"
 
 
 def main() -> None:
@@ -77,9 +70,9 @@ def main() -> None:
                       + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
     print(table)
     print(f"identical generated tokens with and without reuse: {same}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    where = machine()
+    commit = git_commit(REPO)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = f"{machine(device)}, load avg {os.getloadavg()[0]:.1f}"
     res_dir = REPO / "docs" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "engine_speed.json").write_text(json.dumps({"commit": commit, "machine": where, "w_max": args.w_max,

@@ -12,10 +12,11 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
+
+from megacontext.eval.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,10 +37,7 @@ def machine(device: torch.device) -> str:
 
 
 def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return git_commit(REPO)
 
 
 def merge_section(results: Path, name: str, section: dict, row_key: str | None = None, row: dict | None = None) -> Path:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megacontext.eval.provenance import git_commit
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,13 +125,6 @@ def run_case(compressor_name: str, n_tokens: int, workdir: Path) -> dict:
             "rss_after_model_mb": base_rss, "read_latency": lat, "torch_threads": torch.get_num_threads()}
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "megacontext/tree", "benchmarks/tree_store.py"],
-                           cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
-
-
 def machine() -> str:
     cpu = platform.processor() or "cpu"
     info = Path("/proc/cpuinfo")
@@ -192,7 +186,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     command = "python " + " ".join([Path(__file__).relative_to(REPO).as_posix(), *(argv or sys.argv[1:])])
     report = {"load_avg_1min_at_end": load, "command": command,
-              "commit": git_commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d"), "results": results}
+              "commit": git_commit(REPO), "machine": machine(), "date": time.strftime("%Y-%m-%d"), "results": results}
     md = to_markdown(report)
     print(md)
     if not args.no_write:

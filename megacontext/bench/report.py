@@ -11,11 +11,11 @@ import json
 import logging
 import math
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 from megacontext.bench.harness import DISTANCE_TASKS, PPL_TASKS, BenchResult
+from megacontext.eval.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,8 @@ def provenance(base, device_note: str | None = None) -> dict:
     import torch
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
     machine = torch.cuda.get_device_name(base.device) if base.device.type == "cuda" else f"CPU ({platform.machine()})"
-    return {"command": " ".join(["megacontext", *sys.argv[1:]]), "commit": commit + ("-dirty" if dirty else ""),
+    return {"command": " ".join(["megacontext", *sys.argv[1:]]), "commit": git_commit(),
             "machine": device_note or machine, "base_model": base.name, "base_fingerprint": base.fingerprint,
             "dtype": str(base.dtype).removeprefix("torch."), "torch": torch.__version__,
             "transformers": transformers.__version__}
