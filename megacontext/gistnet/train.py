@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from megacontext.base import FrozenBase
 from megacontext.config import Config, check
-from megacontext.device import select_device
+from megacontext.distributed import any_rank, init_distributed, rank_device, wrap_ddp
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.gistnet.objective import ObjectiveConfig, gap_report, hidden_regression_loss, substitution_loss
 from megacontext.gistnet.windows import open_windows
@@ -130,33 +130,6 @@ class GistTrainConfig(Config):
             return self.lr * (step + 1) / self.warmup_lr_steps
         t = min(1.0, (step - self.warmup_lr_steps) / max(1, self.steps - self.warmup_lr_steps))
         return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-# ---------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    enabled: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_dist(device_name: str) -> _Dist:
-    if "WORLD_SIZE" not in os.environ:
-        return _Dist()
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "", "cuda")
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, enabled=True)
 
 
 # ---------------------------------------------------------------------- optimizer state <-> safetensors
@@ -259,12 +232,10 @@ def _autocast(device: torch.device, amp: bool):
 
 def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, float]:
     """Run (or resume) training; returns the last logged metrics. ``base`` may be passed in (tests)."""
-    dist_ = _init_dist(cfg.device)
+    dist_ = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     if base is None:
-        device = (torch.device("cuda", dist_.local_rank) if dist_.enabled and torch.cuda.is_available()
-                  and cfg.device in ("auto", "cuda", "") else select_device(cfg.device))
-        base = FrozenBase.load(cfg.base, device=device, dtype=cfg.dtype)
+        base = FrozenBase.load(cfg.base, device=rank_device(dist_, cfg.device), dtype=cfg.dtype)
     device = base.device
     out = Path(cfg.out)
     if dist_.main:
@@ -287,11 +258,7 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
         log.info("GistNet: %d params, width %d, %d layers; base %s (d=%d, fingerprint %s)", net.num_params(),
                  cfg.model.width(base.d_model), cfg.model.layers, base.name, base.d_model, base.fingerprint)
 
-    model = net
-    if dist_.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[dist_.local_rank] if device.type == "cuda" else None)
+    model = wrap_ddp(net, dist_, device)
     if cfg.compile:
         model = torch.compile(model, dynamic=True)
 
@@ -356,10 +323,8 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
                 log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in rec.items() if k != "step"))
                 last = rec
             timed_out = cfg.max_minutes > 0 and (time.time() - t0) > 60 * cfg.max_minutes
-            if cfg.max_minutes > 0 and dist_.enabled:  # all ranks must stop at the same step
-                flag = torch.tensor([float(timed_out)], device=device)
-                torch.distributed.all_reduce(flag)
-                timed_out = bool(flag.item())
+            if cfg.max_minutes > 0:  # all ranks must stop at the same step
+                timed_out = any_rank(timed_out, device)
             if dist_.main and (timed_out or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
                 _checkpoint(net, base, opt, step, cfg, out)
             if timed_out:
