@@ -47,16 +47,17 @@ def _open(args, create_ok: bool):
         return MegaContext.open(root, args.base, gistnet=None if args.gistnet == "none" else args.gistnet, **common)
     if not create_ok:
         raise FileNotFoundError(f"{root} is not a MegaContext store (run `megacontext ingest {root} FILE` first)")
-    cfg_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if "." in k or k in _engine_fields()})
-    cfg = config_from_args(_engine_config_cls(), cfg_args, args.config)
+    cfg = config_from_args(_engine_config_cls(), _config_flags(args, _engine_config_cls()), args.config)
     gistnet = {None: "auto", "none": None}.get(args.gistnet, args.gistnet)
     return MegaContext.create(root, args.base, gistnet=gistnet, config=cfg, **common)
 
 
-def _engine_fields() -> set[str]:
+def _config_flags(args: argparse.Namespace, cls) -> argparse.Namespace:
+    """The parsed flags that belong to config class ``cls`` (nested ``section.field`` flags included)."""
     import dataclasses
 
-    return {f.name for f in dataclasses.fields(_engine_config_cls())}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if "." in k or k in names})
 
 
 def _read_inputs(files: list[str]) -> str:
@@ -76,10 +77,7 @@ def _read_inputs(files: list[str]) -> str:
 def cmd_demo(args) -> int:
     from megacontext.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=args.out, chars=args.chars, w_max=args.w_max, recent_raw=args.recent_raw,
-                     position_mode=args.position_mode, focus=args.focus, lensnet=args.lensnet, gistnet=args.gistnet,
-                     reference=not args.no_reference, device=args.device)
-    run_demo(cfg)
+    run_demo(config_from_args(DemoConfig, _config_flags(args, DemoConfig), args.config))
     return 0
 
 
@@ -140,17 +138,12 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on the embedded model: long input, focus, recall",
                        description="Ingest a generated ship's log with planted facts and measure recall under "
                                    "MegaContext vs plain truncation at the same window.")
-    p.add_argument("--out", default="runs/demo", help="output directory (stores, focus map, results JSON)")
-    p.add_argument("--chars", type=int, default=30_000, help="length of the generated log in characters")
-    p.add_argument("--w-max", dest="w_max", type=int, default=512, help="working-context budget")
-    p.add_argument("--recent-raw", dest="recent_raw", type=int, default=256, help="most recent tokens kept raw")
-    p.add_argument("--position-mode", dest="position_mode", choices=("compact", "absolute"), default="compact",
-                   help="position ids of the working context (see megacontext.wc_materialize)")
-    p.add_argument("--focus", default="lexical", help="query-aware focus policy: lexical | lensnet")
-    p.add_argument("--lensnet", default=None, help="LensNet checkpoint (for --focus lensnet)")
-    p.add_argument("--gistnet", default="auto", help="auto (models/gistnet-19m if present) | none | PATH")
-    p.add_argument("--no-reference", action="store_true", help="skip reading the whole history raw (faster)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
+    from megacontext.demo import DemoConfig
+
+    p.add_argument("--config", default=None, help="YAML file with DemoConfig fields (flags override it)")
+    add_config_args(p, DemoConfig)
+    p.add_argument("--no-reference", dest="reference", action="store_false", default=None,
+                   help="skip reading the whole history raw (faster); same as --reference false")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ingest", help="append text files to a memory (created if missing)",

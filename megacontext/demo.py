@@ -33,6 +33,7 @@ import torch
 
 from megacontext.api import DEFAULT_BASE, ENGINE_FILE, TELEMETRY_FILE, MegaContext, resolve_gistnet
 from megacontext.base import FrozenBase
+from megacontext.config import Config, check
 from megacontext.demo_input import distractors, ships_log
 from megacontext.demo_recall import ChoiceRead, read_choices, read_raw
 from megacontext.engine import EngineConfig
@@ -46,7 +47,7 @@ FULL = "full history (no budget)"
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     out: str = "runs/demo"
     chars: int = 30_000  # length of the generated log (~3.9 characters per token)
     w_max: int = 512  # working-context budget (and the truncation window)
@@ -62,6 +63,14 @@ class DemoConfig:
     reference: bool = True  # also read the whole history raw (slow on CPU for long logs)
     seed: int = 0
     device: str | None = None
+
+    def __post_init__(self):
+        check(self.chars > 0, f"chars={self.chars} must be > 0")
+        check(self.position_mode in ("absolute", "compact"),
+              f"position_mode={self.position_mode!r}; expected 'absolute' or 'compact'")
+        check(self.focus in ("lexical", "lensnet"), f"focus={self.focus!r}; expected 'lexical' or 'lensnet'")
+        check(self.distractors >= 1, f"distractors={self.distractors} must be >= 1")
+        check(self.answer_tokens >= 1, f"answer_tokens={self.answer_tokens} must be >= 1")
 
 
 @dataclass
