@@ -127,9 +127,13 @@ def window_nll(base: FrozenBase, tokens: Tensor, horizon: int, raw_start: int, p
 
 
 def compress(base: FrozenBase, compressor: Compressor, tokens: Tensor, level: int) -> Tensor:
-    """tokens [B, g] -> [B, g / span(level), d]: LOD1 vectors per block, then (level 2) one per 32 of them."""
-    x = base.embed(tokens)  # [B, g, d]
-    bsz, _, d = x.shape
+    """tokens [B, g] -> [B, g / span(level), d]: LOD1 vectors per block, then (level 2) one per 32 of them.
+    A compressor with ``lod1_inputs`` (GistNet) chooses what LOD1 reads; others read token embeddings."""
+    bsz, g = tokens.shape
+    inputs = getattr(compressor, "lod1_inputs", None)
+    x = inputs(base, tokens.reshape(-1, BLOCK)) if inputs else base.embed(tokens)  # [B*g/32, 32, d] or [B, g, d]
+    x = x.reshape(bsz, g, -1)  # [B, g, d]
+    d = x.shape[-1]
     for lvl in range(1, level + 1):
         n = x.shape[1] // BLOCK
         x = compressor(x.reshape(bsz * n, BLOCK, d), lvl).reshape(bsz, n, d)  # [B, n, d]

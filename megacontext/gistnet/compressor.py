@@ -20,7 +20,6 @@ from torch import Tensor
 
 from megacontext.base import FrozenBase
 from megacontext.gistnet.model import GistNet
-from megacontext.spans import BLOCK
 
 
 class GistCompressor:
@@ -34,6 +33,8 @@ class GistCompressor:
         self.level2 = level2
         self.d_model = base.d_model
         suffix = "" if level2 == "gistnet" else ":l2mean"
+        if gistnet.cfg.inputs != "embeddings":
+            suffix += f":{gistnet.cfg.inputs}{gistnet.cfg.input_layer}"
         self.version = f"gistnet-v1:{gistnet.weights_hash()}{suffix}"
 
     @classmethod
@@ -42,10 +43,8 @@ class GistCompressor:
 
     @torch.no_grad()
     def embed(self, ids: Tensor) -> Tensor:
-        """ids [n, 32] -> token embeddings [n, 32, d] (base model dtype, on its device)."""
-        if ids.dim() != 2 or ids.shape[1] != BLOCK:
-            raise ValueError(f"ids must be [n, {BLOCK}], got {tuple(ids.shape)}")
-        return self.base.embed(ids)
+        """ids [n, 32] -> what GistNet reads for LOD1 [n, 32, d] (token embeddings or base hidden states)."""
+        return self.net.lod1_inputs(self.base, ids)
 
     @torch.no_grad()
     def compress(self, x: Tensor, level: int) -> Tensor:

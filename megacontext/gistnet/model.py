@@ -9,6 +9,10 @@ Invariants
   relative choices (layers, heads, width multiplier), so one config serves any base model.
 - ``level`` is the LOD of the gist being produced (1 or 2). With ``shared_levels`` one trunk serves both
   levels and a learned level embedding tells them apart; otherwise each level has its own trunk.
+- What an LOD1 gist reads is :meth:`GistNet.lod1_inputs` (the one place it is formed): the block's token
+  embeddings (``inputs="embeddings"``), or the frozen base model's hidden states of the block read on its own
+  (``inputs="hidden"``, positions 0..31, layer ``input_layer``). Either way a gist depends only on the tokens
+  of its own span, the tree's invariant. LOD2 always reads 32 LOD1 gists.
 
 Design choices
 - Bidirectional pre-norm transformer blocks with RoPE over the 32 slots: the order inside a block
@@ -17,6 +21,10 @@ Design choices
 - The output adds the (projected) mean of the inputs as a skip path, and the output projection starts
   at zero, so an untrained GistNet is exactly the mean-pooling baseline; training only has to improve on
   it, which makes early steps stable and the gap to "mean pooling" directly visible.
+- ``inputs="hidden"`` lets the frozen base model itself do the reading (the idea behind Activation Beacon
+  and ICAE-style encoders: a 5M-parameter net cannot know what the base model knows about a phrase). It costs
+  one no-grad base forward per 32-token block at ingest, i.e. about one extra base-model pass over the
+  history, and needs no gradient through that pass.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +63,11 @@ class GistNetConfig(Config):
     rope_theta: float = 10000.0
     dropout: float = 0.0
     learn_gain: bool = False  # learn a per-level output scale exp(g) * embed_norm (g in [-2, 2], starts at 0)
+    inputs: Literal["embeddings", "hidden"] = "embeddings"  # what LOD1 reads (see module docstring)
+    input_layer: int = -1  # inputs="hidden": index into the base's hidden_states (0 = embeddings, -1 = last)
 
     def __post_init__(self):
+        check(self.inputs in ("embeddings", "hidden"), f"inputs={self.inputs!r} must be 'embeddings' or 'hidden'")
         check(self.layers >= 0, f"layers={self.layers} must be >= 0")
         check(self.heads >= 1, f"heads={self.heads} must be >= 1")
         check(self.width_mult > 0, f"width_mult={self.width_mult} must be > 0")
@@ -67,6 +78,16 @@ class GistNetConfig(Config):
     def width(self, d_model: int) -> int:
         unit = 2 * self.heads
         return max(unit, int(round(self.width_mult * d_model / unit)) * unit)
+
+
+def unwrap(model: nn.Module) -> GistNet:
+    """The GistNet inside a DDP and/or ``torch.compile`` wrapper (or the net itself)."""
+    while not isinstance(model, GistNet):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"{type(model).__name__} is not a GistNet nor a wrapper of one")
+        model = inner
+    return model
 
 
 def _rope_tables(n: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -167,6 +188,27 @@ class GistNet(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def lod1_inputs(self, base: FrozenBase, ids: Tensor, chunk: int = 4096) -> Tensor:
+        """ids [n, 32] -> what this net reads to make their LOD1 gists, [n, 32, d] on the base's device
+        (base dtype). Hidden states are taken with each block read alone, ``chunk`` blocks per forward."""
+        if ids.dim() != 2 or ids.shape[1] != BLOCK:
+            raise ValueError(f"ids must be [n, {BLOCK}], got {tuple(ids.shape)}")
+        if self.cfg.inputs == "embeddings":
+            return base.embed(ids)
+        ids = ids.to(base.device)
+        pos = torch.arange(BLOCK, device=base.device)
+        outs = []
+        for i in range(0, ids.shape[0], chunk):
+            part = ids[i:i + chunk]
+            states = base.forward(base.embed(part), pos.expand(part.shape[0], -1), output_hidden_states=True,
+                                  logits_to_keep=1).hidden_states
+            if not -len(states) <= self.cfg.input_layer < len(states):
+                raise ValueError(f"input_layer={self.cfg.input_layer} is out of range for a base model with "
+                                 f"{len(states)} hidden states (embeddings + {len(states) - 1} layers)")
+            outs.append(states[self.cfg.input_layer].to(base.dtype))  # [c, 32, d]
+        return torch.cat(outs) if outs else base.embed(ids)
 
     def forward(self, x: Tensor, level: int | Tensor = 1) -> Tensor:
         """x [n, 32, d]; level an int in {1, 2} or a LongTensor [n] -> gists [n, d]."""

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from megacontext.base import FrozenBase
 from megacontext.config import Config, check
-from megacontext.gistnet.model import GistNet
+from megacontext.gistnet.model import GistNet, unwrap
 from megacontext.gistnet.substitute import splice
 from megacontext.spans import BLOCK, span
 
@@ -64,7 +64,7 @@ def make_prefix(tokens: Tensor, base: FrozenBase, lod1: GistNet, n_lod1: int, lo
     raw_start = n_tok1 * s1
     if raw_start >= tokens.shape[1]:
         raise ValueError(f"gisting {raw_start} tokens leaves nothing raw in a window of {tokens.shape[1]}")
-    emb = base.embed(tokens[:, :raw_start]).reshape(bsz * n_tok1, BLOCK, d)  # [B*g, 32, d]
+    emb = unwrap(lod1).lod1_inputs(base, tokens[:, :raw_start].reshape(bsz * n_tok1, BLOCK))  # [B*g, 32, d]
     g1 = lod1(emb, 1).view(bsz, n_tok1, d)  # [B, g, d]
     parts, pos = [], []
     if n_lod2:

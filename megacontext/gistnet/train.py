@@ -340,6 +340,9 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
 
 def _checkpoint(net: GistNet, base: FrozenBase, opt: torch.optim.Optimizer, step: int, cfg: GistTrainConfig,
                 out: Path) -> None:
-    net.save(out, base, extra={"step": step, "train_config": cfg.to_dict()})
+    extra = {"step": step, "train_config": cfg.to_dict(), "levels": [cfg.level]}
+    if cfg.level == 2 and cfg.lod1:  # the LOD2 net only makes sense on top of these exact LOD1 gists
+        extra["lod1_weights_hash"] = GistNet.load(cfg.lod1, base).weights_hash()
+    net.save(out, base, extra=extra)
     _save_optim(out, opt, step, cfg)
     log.info("checkpoint step %d -> %s", step, out)

@@ -152,3 +152,4 @@ def test_gist_compressor_protocol():
                                                                                     base.embed_norm))
     _randomise(net, seed=5)
     assert GistCompressor(net, base).version != comp.version  # new weights, new version
+
