@@ -17,7 +17,6 @@ fingerprint differs from the one the store was built with, missing or mismatched
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -69,23 +68,17 @@ def resolve_gistnet(base: FrozenBase, gistnet: str | None) -> str | None:
     return str(DEFAULT_GISTNET) if meta["base_fingerprint"] == base.fingerprint else None
 
 
-def _compressor(base: FrozenBase, gistnet: str | None):
-    """Mean pooling without a checkpoint; GistNet's compressor with one (the checkpoint must exist)."""
+def _compressor(base: FrozenBase, gistnet: str | None, lod2: str | None = None):
+    """Mean pooling without a checkpoint; GistNet's compressor with one (the checkpoint must exist). LOD2 comes
+    from ``lod2`` (a stacked LOD2 checkpoint), else the checkpoint's own trained level 2, else mean pooling."""
     if gistnet is None:
+        if lod2 is not None:
+            raise CheckpointError(f"gistnet_lod2={lod2!r} needs the LOD1 GistNet checkpoint it was trained on")
         return MeanPoolCompressor.from_base(base)
     read_checkpoint_meta(gistnet)  # clear error for a missing/malformed checkpoint directory
-    from megacontext.gistnet.model import GistNet
+    from megacontext.gistnet.compressor import GistCompressor
 
-    net = GistNet.load(gistnet, base)  # refuses a checkpoint trained for another base model
-    for mod in ("megacontext.gistnet.compressor", "megacontext.gistnet"):
-        try:
-            cls = getattr(importlib.import_module(mod), "GistCompressor", None)
-        except ImportError:
-            cls = None
-        if cls is not None:
-            return cls(net, base)
-    raise CheckpointError("this build of megacontext has no GistCompressor in megacontext.gistnet; "
-                          "omit the gistnet checkpoint to use mean-pooled gists")
+    return GistCompressor.load(gistnet, base, lod2=lod2)  # refuses checkpoints trained for another base model
 
 
 def _policy(cfg: EngineConfig, base: FrozenBase, lensnet: str | None):
@@ -113,11 +106,13 @@ class MegaContext:
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, store: str | Path, base: str | FrozenBase | None = None, *, gistnet: str | None = "auto",
-               lensnet: str | None = None, config: EngineConfig | None = None, device: str | None = None,
-               dtype: str | None = None, durable: bool = True) -> MegaContext:
+               gistnet_lod2: str | None = None, lensnet: str | None = None, config: EngineConfig | None = None,
+               device: str | None = None, dtype: str | None = None, durable: bool = True) -> MegaContext:
         """A new, empty memory in ``store`` (which must not exist or be empty). ``gistnet``: a checkpoint,
         None for mean-pooled gists, or "auto": the embedded ``models/gistnet-19m`` when it was trained for
-        this base model, else mean pooling."""
+        this base model, else mean pooling. ``gistnet_lod2``: a LOD2 checkpoint trained on that GistNet
+        (``train gistnet --level 2 --lod1 ...``); without it LOD2 gists are mean-pooled LOD1 gists unless
+        the GistNet checkpoint trained its own level 2."""
         root = Path(store)
         if root.exists() and any(root.iterdir()):
             raise StoreError(f"{str(root)!r} exists and is not empty; open it or choose a new directory")
@@ -125,12 +120,12 @@ class MegaContext:
         fb = _load_base(base, device, dtype)
         gistnet = resolve_gistnet(fb, gistnet)
         policy = _policy(cfg, fb, lensnet)
-        comp = _compressor(fb, gistnet)
+        comp = _compressor(fb, gistnet, gistnet_lod2)
         tree = MegaContextTree.create(root, fb.d_model, fb.fingerprint, comp, config=TreeConfig(durable=durable))
         meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(),
                 "base": {"path": fb.name if isinstance(base, FrozenBase) else _abs(base or DEFAULT_BASE),
                          "fingerprint": fb.fingerprint},
-                "gistnet": _abs(gistnet), "lensnet": _abs(lensnet), "step": 0}
+                "gistnet": _abs(gistnet), "gistnet_lod2": _abs(gistnet_lod2), "lensnet": _abs(lensnet), "step": 0}
         engine = Engine(fb, tree, cfg, policy, telemetry=Telemetry(root / TELEMETRY_FILE))
         mc = cls(root, fb, tree, engine, meta)
         mc.save()
@@ -155,8 +150,9 @@ class MegaContext:
             raise StoreError(f"the store's working context was built with {meta['config']['wc']}; "
                              f"config.wc={cfg.wc.to_dict()} differs (create a new store to change the budget)")
         gistnet = gistnet or meta.get("gistnet")
+        lod2 = meta.get("gistnet_lod2") if gistnet == meta.get("gistnet") else None
         lensnet = lensnet or meta.get("lensnet")
-        comp = _compressor(fb, gistnet)
+        comp = _compressor(fb, gistnet, lod2)
         policy = _policy(cfg, fb, lensnet)
         tree = MegaContextTree.open(root, comp, fb.fingerprint, readonly=readonly,
                                     config=TreeConfig(durable=durable))
@@ -167,7 +163,7 @@ class MegaContext:
             raise
         tel = Telemetry(None if readonly else root / TELEMETRY_FILE)
         engine = Engine(fb, tree, cfg, policy, wc=wc, telemetry=tel, step=int(meta.get("step", 0)))
-        meta.update(gistnet=_abs(gistnet), lensnet=_abs(lensnet), config=cfg.to_dict())
+        meta.update(gistnet=_abs(gistnet), gistnet_lod2=_abs(lod2), lensnet=_abs(lensnet), config=cfg.to_dict())
         return cls(root, fb, tree, engine, meta)
 
     # ------------------------------------------------------------------ use

@@ -71,6 +71,9 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="frozen base model directory (or hub id)")
     p.add_argument("--gistnet", default="none", help="GistNet checkpoint directory, or 'none' for baselines only")
+    p.add_argument("--gistnet-lod2", default=None,
+                   help="LOD2 checkpoint trained on --gistnet (train gistnet --level 2 --lod1 ...); default: the "
+                        "checkpoint's own level 2 if it was trained, else mean pooling of LOD1 gists")
     p.add_argument("--cache", action="append", required=True, help="token cache directory (repeatable)")
     p.add_argument("--split", default="all", choices=("train", "val", "all"), help="document split to sample")
     p.add_argument("--val-fraction", type=float, default=0.05, help="val share used by the split (as in training)")
@@ -98,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
     base = FrozenBase.load(args.base, device=args.device, dtype=args.dtype)
     gistnet = None
     if args.gistnet != "none":
-        from megacontext.gistnet.model import GistNet
+        from megacontext.gistnet.levels import TwoLevelGist
 
-        gistnet = GistNet.load(args.gistnet, base)
+        gistnet = TwoLevelGist.load(args.gistnet, base, args.gistnet_lod2)
+    elif args.gistnet_lod2:
+        raise ValueError(f"--gistnet-lod2 {args.gistnet_lod2} needs the LOD1 checkpoint it was trained on (--gistnet)")
     meanpool = MeanPoolCompressor.from_base(base).compress
     windows = load_windows(args.cache, cfg.window - cfg.horizon, cfg.horizon, args.windows, args.split,
                            args.domains, cfg.seed, args.val_fraction)
@@ -114,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": seconds,
         "base": args.base,
         "gistnet": args.gistnet,
+        "gistnet_lod2": args.gistnet_lod2,
         "caches": args.cache,
         "split": args.split,
         "windows": {dom: int(w.tokens.shape[0]) for dom, w in windows.items()},

@@ -4,11 +4,12 @@ Implements :class:`megacontext.tree.compressor.Compressor` structurally (``versi
 ``compress``) without importing the tree, so gistnet and tree stay side by side in the layering.
 
 Invariants
-- ``version`` = ``gistnet-v1:<weights hash>[:<level-2 mode>]``: any change of weights (or of the level-2
-  mode) changes it, so the tree never mixes gists of two compressors.
+- ``version`` = ``gistnet-v1:<LOD1 weights hash>[:<level-2 mode>][:<LOD1 inputs>]``: any change of weights,
+  level-2 source or inputs changes it, so the tree never mixes gists of two compressors.
 - Rows are independent (GistNet has no cross-row operation), as the batching contract requires.
-- Level 2 may be delegated to mean pooling (``level2="meanpool"``) for checkpoints that were trained for
-  LOD1 only: an untrained LOD2 head is no better than the baseline and costs compute.
+- Level 2 comes from a stacked LOD2 checkpoint, the checkpoint's own (jointly trained) level 2, or mean
+  pooling of LOD1 gists for checkpoints trained for LOD1 only (:mod:`megacontext.gistnet.levels`);
+  :meth:`GistCompressor.load` picks in that order. The choice is part of ``version``.
 """
 
 from __future__ import annotations
@@ -19,27 +20,35 @@ import torch
 from torch import Tensor
 
 from megacontext.base import FrozenBase
+from megacontext.gistnet.levels import TwoLevelGist
 from megacontext.gistnet.model import GistNet
 
 
 class GistCompressor:
-    def __init__(self, gistnet: GistNet, base: FrozenBase, level2: Literal["gistnet", "meanpool"] = "gistnet"):
+    """``gistnet``: a GistNet (``level2`` says whether its own level-2 path or mean pooling makes LOD2) or a
+    :class:`TwoLevelGist` pair (``level2`` ignored)."""
+
+    def __init__(self, gistnet: GistNet | TwoLevelGist, base: FrozenBase,
+                 level2: Literal["gistnet", "meanpool"] = "gistnet"):
         if gistnet.d_model != base.d_model:
             raise ValueError(f"GistNet d_model={gistnet.d_model} does not match the base model's {base.d_model}")
-        if level2 not in ("gistnet", "meanpool"):
-            raise ValueError(f"level2={level2!r} must be 'gistnet' or 'meanpool'")
+        if isinstance(gistnet, GistNet):
+            if level2 not in ("gistnet", "meanpool"):
+                raise ValueError(f"level2={level2!r} must be 'gistnet' or 'meanpool'")
+            gistnet = TwoLevelGist(gistnet, gistnet if level2 == "gistnet" else None)
         self.net = gistnet.to(base.device).eval()
         self.base = base
-        self.level2 = level2
         self.d_model = base.d_model
-        suffix = "" if level2 == "gistnet" else ":l2mean"
+        suffix = self.net.level2_tag()
         if gistnet.cfg.inputs != "embeddings":
             suffix += f":{gistnet.cfg.inputs}{gistnet.cfg.input_layer}"
-        self.version = f"gistnet-v1:{gistnet.weights_hash()}{suffix}"
+        self.version = f"gistnet-v1:{gistnet.lod1.weights_hash()}{suffix}"
 
     @classmethod
-    def load(cls, directory: str, base: FrozenBase, **kw) -> GistCompressor:
-        return cls(GistNet.load(directory, base), base, **kw)
+    def load(cls, directory: str, base: FrozenBase, lod2: str | None = None) -> GistCompressor:
+        """LOD1 from ``directory``; LOD2 from the stacked checkpoint ``lod2``, else the checkpoint's own level 2
+        when it was trained, else mean pooling (see :mod:`megacontext.gistnet.levels`)."""
+        return cls(TwoLevelGist.load(directory, base, lod2), base)
 
     @torch.no_grad()
     def embed(self, ids: Tensor) -> Tensor:
@@ -51,8 +60,4 @@ class GistCompressor:
         """x [n, 32, d] -> gists [n, d] float32 on the GistNet's device."""
         if level not in (1, 2):
             raise ValueError(f"level={level}; gists exist at levels 1 and 2")
-        x = x.to(self.net.embed_norm.device)
-        if level == 2 and self.level2 == "meanpool":
-            mean = x.float().mean(dim=1)  # [n, d]
-            return mean * (self.net.embed_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-        return self.net(x.float(), level)
+        return self.net(x.to(self.net.embed_norm.device).float(), level)
