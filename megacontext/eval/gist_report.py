@@ -119,7 +119,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- command: `{info['command']}`",
         f"- commit: `{info['commit']}`; machine: {info['machine']}; date: {info['date']}; "
         f"wall time: {report.get('seconds', 0):.0f} s",
-        f"- base: `{report['base']}`; gistnet: `{report['gistnet']}`; LOD2: `{report.get('gistnet_lod2') or 'own level 2 if trained, else mean pooling'}`",
+        f"- base: `{report['base']}`; gistnet: `{report['gistnet']}`; LOD2: "
+        f"`{report.get('gistnet_lod2') or 'own level 2 if trained, else mean pooling'}`",
         f"- windows: {cfg['context']} context + {cfg['horizon']} horizon tokens (LOD1 settings); "
         f"setting `lodL-GofC` gists the oldest G of C context tokens at level L; "
         f"95% percentile bootstrap ({cfg['n_boot']} resamples; variants resampled jointly; "
