@@ -6,7 +6,8 @@ Registered systems (all share :class:`MegaContextSystem`; only the compressor an
 - ``megacontext-lensnet``: the same gists + ``rounds`` LensPolicy refocus steps before each scored chunk.
 - ``megacontext-lexical``: the same gists + the engine's LexicalFocus. This is a training-free *heuristic*
   (rare n-gram overlap with the recent tokens), not a learned policy; its rows measure what a lexical
-  pointer buys, as a reference for LensNet.
+  pointer buys, as a reference for LensNet. It searches the whole prefix for n-gram matches in every round
+  of every chunk, so it is the slowest of the four on long documents.
 - ``meanpool-recency``: untrained mean-pooled gists (MeanPoolCompressor), recency tiling.
 
 How a sample is scored (no token-by-token streaming of the history):
@@ -14,20 +15,21 @@ How a sample is scored (no token-by-token streaming of the history):
    device (:class:`~megacontext.tree.InMemoryHistory`), and cached for the other budgets of the same task.
    A gist only depends on the tokens of its own span, so a prefix view (:class:`PrefixHistory`) that hides
    everything at or after a chunk start is exactly the history a streaming engine would have built.
-2. Targets are scored in chunks of ``chunk`` tokens (default K=32). For a chunk ``[s, s + h)`` an
-   :class:`~megacontext.engine.Engine` is opened over the prefix ``[0, s)`` with a WC budget of ``w_max - h``
-   (recency sync builds the initial tiling), the policy runs ``rounds`` allocator steps with the last
-   ``query_tokens`` tokens before ``s`` as "what the model is reading now", and one base forward reads the
-   materialised WC followed by the chunk's raw tokens. So the base never reads more than ``w_max`` slots
-   (asserted; the largest observed read is reported by :meth:`describe`), which is the same accounting as
-   the :class:`~megacontext.bench.system.ContextSystem` baselines, and the WC is refocused between chunks.
-   Each chunk starts from the recency tiling, so a chunk's context depends only on the tokens before it.
+2. Targets are scored in chunks of ``chunk`` tokens (default K=32). For a chunk ``[s, s + h)`` the WC
+   (budget ``w_max - h``) is the recency tiling of the prefix ``[0, s)``, the policy runs ``rounds``
+   allocator steps with the last ``query_tokens`` tokens before ``s`` as "what the model is reading now",
+   and one base forward reads the materialised WC followed by the chunk's raw tokens
+   (:mod:`megacontext.bench.chunk_contexts`: the same WC as an Engine over the prefix after ``focus_on``,
+   parity-tested). The base never reads more than ``w_max`` slots (asserted; the largest observed read is
+   reported by :meth:`describe`), the accounting of the :class:`~megacontext.bench.system.ContextSystem`
+   baselines. Each chunk starts from the recency tiling, so its context depends only on the tokens before it.
+3. Cost: chunks are built in waves of ``wave`` (LensNet scores a whole wave per round in one call) and the
+   forwards are batched across chunks and samples by the shared :class:`~megacontext.bench.scoring.Batcher`
+   (chunks whose WC + chunk have the same length share a batch). That is what makes the perplexity tasks
+   (every token of long documents; ~256 chunks per 32k tokens at chunk 128) affordable; they used to be
+   skipped when every chunk ran its own forward.
 
 Not covered, on purpose:
-- ``books_ppl`` / ``code_ppl`` are skipped (``skip_tasks``): scoring every token of 100k-token documents
-  means one refocus + one ``w_max`` forward per 32 tokens, about 4k sequential steps per document and budget
-  (tens of minutes per suite on one H100, since the steps cannot be batched across a document). Use the
-  engine's streaming ``score`` (``megacontext eval``) for perplexity curves instead.
 - ``megacontext-oracle`` is not registered: :class:`~megacontext.lensnet.oracle.OraclePolicy` measures the
   counterfactual utility of every collapsible entry and up to 192 expandable gists with one base forward
   each (a few hundred forwards per refocus step), times ``rounds`` steps per chunk and several chunks per
@@ -35,7 +37,8 @@ Not covered, on purpose:
   whole-document ``DocView`` rather than the engine's history view.
 
 FLOPs per sample count the base-model forwards only (GistNet and LensNet work is small next to them for
-the 19M base and is not modelled).
+the 19M base and is not modelled). Seconds per sample: its share of gisting, its chunks' build time and
+its share of the batched forwards.
 """
 
 from __future__ import annotations
@@ -46,24 +49,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
+from megacontext.bench.chunk_contexts import BatchedLens, ChunkBuild, PrefixHistory, build_wave, wc_budget
 from megacontext.bench.flops import flop_model
 from megacontext.bench.registry import SystemUnavailable, register_system
-from megacontext.bench.scoring import chunk_bounds
+from megacontext.bench.scoring import Batcher, chunk_bounds, new_results
 from megacontext.bench.system import Sample, Scores, System
 from megacontext.config import Config, check
-from megacontext.engine import Engine, EngineConfig
 from megacontext.focus import LexicalFocus, RecencyFocus
-from megacontext.spans import BLOCK, complete_entries
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor
-from megacontext.tree.history import check_gist_level, check_indices
-from megacontext.wc_tiling import min_w_max
-from megacontext.working_context import WorkingContextConfig
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MegaContextSystem", "MegaContextSystemConfig", "PrefixHistory"]
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_GISTNET = MODELS / "gistnet-19m"
@@ -73,7 +70,8 @@ DEFAULT_LENSNET = MODELS / "lensnet-19m"
 @dataclass
 class MegaContextSystemConfig(Config):
     chunk: int = 32  # targets per base forward; the WC is rebuilt and refocused between chunks
-    batch_tokens: int = 65536  # accepted with the suite's shared options; forwards here are one chunk each
+    batch_tokens: int = 65536  # input slots per batched base forward (chunks of equal read length share one)
+    wave: int = 64  # chunks built together: one batched LensNet call per round; bounds the wave's memory
     recent_raw: int = 128  # the most recent tokens before a chunk stay raw
     position_mode: Literal["absolute", "compact"] = "absolute"
     rounds: int = 4  # policy + allocator steps before each chunk (an LOD2 region needs 2 to reach raw)
@@ -85,6 +83,8 @@ class MegaContextSystemConfig(Config):
 
     def __post_init__(self):
         check(self.chunk >= 1, f"chunk={self.chunk} must be >= 1")
+        check(self.batch_tokens >= 1, f"batch_tokens={self.batch_tokens} must be >= 1")
+        check(self.wave >= 1, f"wave={self.wave} must be >= 1")
         check(self.recent_raw >= 32, f"recent_raw={self.recent_raw} must be >= 32 (the engine's K)")
         check(self.position_mode in ("absolute", "compact"),
               f"position_mode={self.position_mode!r}; expected 'absolute' or 'compact'")
@@ -93,41 +93,15 @@ class MegaContextSystemConfig(Config):
         check(self.batch_blocks >= 1, f"batch_blocks={self.batch_blocks} must be >= 1")
 
 
-class PrefixHistory:
-    """The first ``num_tokens`` tokens of a precomputed history: only entries complete by then are visible."""
-
-    def __init__(self, full: InMemoryHistory, num_tokens: int):
-        if not 0 <= num_tokens <= full.num_tokens:
-            raise ValueError(f"prefix of {num_tokens} tokens; the history holds {full.num_tokens}")
-        self.full, self.num_tokens = full, num_tokens
-
-    def num_entries(self, level: int) -> int:
-        return complete_entries(self.num_tokens, level)
-
-    def tokens(self, start: int, end: int) -> Tensor:
-        if end > self.num_tokens:
-            raise ValueError(f"tokens [{start}, {end}) reach past the prefix of {self.num_tokens} tokens")
-        return self.full.tokens(start, end)
-
-    def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
-        if end_index > self.num_entries(level):
-            raise ValueError(f"LOD{level} gists [{start_index}, {end_index}) are not complete within the prefix "
-                             f"of {self.num_tokens} tokens ({self.num_entries(level)} are)")
-        return self.full.gists(level, start_index, end_index)
-
-    def gather_gists(self, level: int, indices: Tensor) -> Tensor:
-        check_gist_level(level)
-        return self.full.gather_gists(level, check_indices(f"LOD{level} gist", indices, self.num_entries(level)))
-
-
 class MegaContextSystem(System):
     """Gists + WC + focus policy behind the harness's ``score`` (see module docstring)."""
 
-    skip_tasks = frozenset({"books_ppl", "code_ppl"})
-
     def __init__(self, name: str, base, compressor, make_policy, cfg: MegaContextSystemConfig | None = None,
-                 info: dict | None = None):
+                 info: dict | None = None, fresh_policy: bool = False):
+        """``make_policy()`` gives the focus policy: once per wave, or once per chunk with ``fresh_policy``
+        (for policies that keep state between calls, like LexicalFocus's token cache)."""
         self.name, self.base, self.compressor, self.make_policy = name, base, compressor, make_policy
+        self.fresh_policy = fresh_policy
         self.cfg = cfg or MegaContextSystemConfig()
         self.info = info or {}
         self.flops = flop_model(base)
@@ -151,72 +125,49 @@ class MegaContextSystem(System):
             self._cache_key = key
         return self._cache
 
-    def _engine(self, history: InMemoryHistory, start: int, budget: int) -> Engine:
-        cfg = self.cfg
-        wc_cfg = WorkingContextConfig(w_max=budget, recent_raw=cfg.recent_raw, position_mode=cfg.position_mode)
-        return Engine(self.base, PrefixHistory(history, start), EngineConfig(wc=wc_cfg, k=BLOCK),
-                      policy=self.make_policy())
-
-    @torch.inference_mode()
-    def _score_chunk(self, history: InMemoryHistory, sample: Sample, s: int, e: int, w_max: int):
-        h, base, cfg = e - s, self.base, self.cfg
-        budget = w_max - h
-        if budget < min_w_max(cfg.recent_raw):
-            raise ValueError(f"{self.name}: w_max={w_max} leaves {budget} WC slots for a chunk of {h}; need at least "
-                             f"{min_w_max(cfg.recent_raw)} for recent_raw={cfg.recent_raw} (lower chunk or recent_raw)")
-        engine = self._engine(history, s, budget)
-        if cfg.rounds and not isinstance(engine.policy, RecencyFocus):
-            engine.focus_on(sample.tokens[max(s - cfg.query_tokens, 0):s], rounds=cfg.rounds)
-        m = engine.materialize()  # asserts cost <= budget
-        t = int(m.position_ids.shape[0])
-        first = s if cfg.position_mode == "absolute" else t
-        chunk = sample.tokens[s:e]
-        pos = torch.cat([m.position_ids, torch.arange(first, first + h, device=m.position_ids.device)])  # [T + h]
-        emb = torch.cat([m.inputs_embeds, base.embed(chunk).to(m.inputs_embeds.dtype)])  # [T + h, d]
-        logits = base.forward(emb[None], pos[None], logits_to_keep=h + 1).logits[0, :-1].float()  # [h, V]
-        targets = chunk.to(logits.device)
-        nll = F.cross_entropy(logits, targets, reduction="none").cpu()
-        top1 = (logits.argmax(-1) == targets).cpu()
-        read = t + h
-        if read > w_max:
-            raise AssertionError(f"{self.name} read {read} slots > w_max={w_max}")
-        self.max_read[w_max] = max(self.max_read.get(w_max, 0), read)
-        flops = self.flops.forward(read, h + 1) if self.flops else float("nan")
-        return nll, top1, flops
-
     def score(self, base, samples: list[Sample], w_max: int) -> list[Scores]:
         from tqdm.auto import tqdm
 
         if base is not self.base:
             raise ValueError(f"{self.name} was built for base {self.base.name!r}, asked to score with {base.name!r}")
+        cfg = self.cfg
+        plans = [chunk_bounds(s.target_start, s.target_end, cfg.chunk) for s in samples]
+        for bounds in plans:  # fail before any work when a chunk cannot fit
+            wc_budget(w_max, max(e - s for s, e in bounds), cfg.recent_raw, self.name)
         t0 = time.perf_counter()
         histories = self._histories(samples)
         gist_share = (time.perf_counter() - t0) / max(len(samples), 1)
-        out = []
-        for sample, history in tqdm(list(zip(samples, histories, strict=True)), desc=f"{self.name} w={w_max}",
-                                    unit="sample", leave=False, mininterval=5):
-            t1 = time.perf_counter()
-            res = Scores(torch.full((sample.n_targets,), float("nan")), torch.zeros(sample.n_targets, dtype=torch.bool))
-            for s, e in chunk_bounds(sample.target_start, sample.target_end, self.cfg.chunk):
-                nll, top1, flops = self._score_chunk(history, sample, s, e, w_max)
-                o = s - sample.target_start
-                res.nll[o:o + e - s], res.top1[o:o + e - s] = nll, top1
-                res.flops += flops
-            if base.device.type == "cuda":
-                torch.cuda.synchronize(base.device)
-            res.seconds = time.perf_counter() - t1 + gist_share
-            out.append(res)
+        build = ChunkBuild(cfg.recent_raw, cfg.position_mode, cfg.rounds, cfg.query_tokens)
+        results = new_results(samples)
+        progress = tqdm(total=sum(map(len, plans)), desc=f"{self.name} w={w_max}", unit="chunk", leave=False,
+                        mininterval=5)
+        batcher = Batcher(base, results, cfg.batch_tokens, self.flops, progress)
+        for i, (sample, history, bounds) in enumerate(zip(samples, histories, plans, strict=True)):
+            results[i].seconds += gist_share
+            for w in range(0, len(bounds), cfg.wave):
+                t1 = time.perf_counter()
+                jobs = build_wave(base, history, sample, i, bounds[w:w + cfg.wave], w_max, build, self.make_policy,
+                                  self.fresh_policy)
+                results[i].seconds += time.perf_counter() - t1
+                for job in jobs:
+                    if job.length > w_max:
+                        raise AssertionError(f"{self.name} read {job.length} slots > w_max={w_max}")
+                    self.max_read[w_max] = max(self.max_read.get(w_max, 0), job.length)
+                    batcher.add(job)
+        batcher.flush()
+        progress.close()
         log.info("%s w_max=%d: largest read %d slots", self.name, w_max, self.max_read.get(w_max, 0))
-        return out
+        return results
 
 
 # ---------------------------------------------------------------------------------------------- factories
 def _gist_compressor(base, cfg: MegaContextSystemConfig):
     from megacontext.checkpoint import CheckpointError
     from megacontext.gistnet.compressor import GistCompressor
+    from megacontext.gistnet.model import GistNet
 
-    try:
-        return GistCompressor.load(cfg.gistnet, base, level2="meanpool")
+    try:  # LOD2 = mean pool of LOD1 gists whatever the checkpoint holds: the setting of the published rows
+        return GistCompressor(GistNet.load(cfg.gistnet, base), base, level2="meanpool")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemUnavailable(f"GistNet checkpoint {cfg.gistnet!r} cannot be used with this base: {e}") from e
 
@@ -239,7 +190,7 @@ def _recency(base, opts):
 
 def _lensnet(base, opts):
     cfg = MegaContextSystemConfig.from_dict(opts)
-    policy = _lens_policy(base, cfg)  # stateless: shared by every chunk
+    policy = BatchedLens(_lens_policy(base, cfg))  # stateless: shared by every chunk
     return MegaContextSystem("megacontext-lensnet", base, _gist_compressor(base, cfg), lambda: policy, cfg,
                              {"gists": "gistnet+l2meanpool", "focus": "lensnet"})
 
@@ -248,7 +199,8 @@ def _lexical(base, opts):
     cfg = MegaContextSystemConfig.from_dict(opts)
     # a fresh policy per chunk: LexicalFocus caches the token history it has read
     return MegaContextSystem("megacontext-lexical", base, _gist_compressor(base, cfg), LexicalFocus, cfg,
-                             {"gists": "gistnet+l2meanpool", "focus": "lexical n-gram heuristic (not learned)"})
+                             {"gists": "gistnet+l2meanpool", "focus": "lexical n-gram heuristic (not learned)"},
+                             fresh_policy=True)
 
 
 def _meanpool(base, opts):

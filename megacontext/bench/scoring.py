@@ -8,7 +8,13 @@ predicts target ``i``, the convention of :meth:`FrozenBase.nll`).
 Efficiency: forwards of equal (length, chunk) are batched across chunks *and* samples (long documents make
 most forwards exactly ``w_max`` long), only ``h + 1`` rows of logits are materialised, and selections of
 CPU-heavy systems (BM25) can be computed in worker processes while nothing on the GPU waits for Python
-per-token work. Memory stays bounded: at most one pending batch per (length, chunk) key.
+per-token work. Memory stays bounded: at most one pending batch per (length, chunk) key, and at most
+``PENDING_BATCHES * batch_tokens`` pending input slots over all keys (the largest group runs first when
+that is exceeded; systems whose context length varies chunk to chunk, like a MegaContext WC, make many keys).
+
+A :class:`Job` carries its input either as token ids (baselines: the batcher embeds them) or as ready
+input embeddings (MegaContext: a working context mixes token embeddings and gists); both kinds share the
+batcher, never the same batch.
 """
 
 from __future__ import annotations
@@ -30,14 +36,40 @@ from megacontext.bench.system import ContextSystem, Sample, Scores
 log = logging.getLogger(__name__)
 
 
+PENDING_BATCHES = 8  # pending input slots over all keys, in units of batch_tokens
+
+
 @dataclass
 class Job:
+    """One forward's worth of input. Targets are the last ``h`` entries of ``ids``."""
+
     sample: int  # index into the sample list
     offset: int  # first target of the chunk, relative to the sample's target_start
-    ids: torch.Tensor  # [L] context then chunk
+    ids: torch.Tensor  # [L] context then chunk; with ``embeds``: at least the chunk's h ids (the targets)
     positions: torch.Tensor  # [L]
-    h: int  # targets in the chunk (the last h ids)
+    h: int  # targets in the chunk
     extra_flops: float = 0.0
+    embeds: torch.Tensor | None = None  # [L, d] the inputs as embeddings (gists among them), any device
+
+    def __post_init__(self):
+        n = int(self.positions.shape[0])
+        if self.embeds is not None and int(self.embeds.shape[0]) != n:
+            raise ValueError(f"job of sample {self.sample} at {self.offset}: {self.embeds.shape[0]} embeddings "
+                             f"for {n} positions")
+        if self.embeds is None and int(self.ids.shape[0]) != n:
+            raise ValueError(f"job of sample {self.sample} at {self.offset}: {self.ids.shape[0]} ids for {n} "
+                             "positions")
+        if not 1 <= self.h <= min(n - 1, int(self.ids.shape[0])):
+            raise ValueError(f"job of sample {self.sample} at {self.offset}: h={self.h} targets need 1 <= h < "
+                             f"length={n} and at least h ids (got {self.ids.shape[0]})")
+
+    @property
+    def length(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.ids[-self.h:]
 
 
 def chunk_bounds(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
@@ -69,41 +101,56 @@ def plan_sample(system: ContextSystem, w_max: int, index: int, sample: Sample) -
     return jobs
 
 
-class _Batcher:
-    """Groups jobs by (length, h); runs a group once it holds ``batch_tokens`` input slots."""
+class Batcher:
+    """Groups jobs by (length, h, input kind); runs a group once it holds ``batch_tokens`` input slots, or
+    the largest group once all pending groups together hold ``PENDING_BATCHES * batch_tokens``."""
 
     def __init__(self, base, results: list[Scores], batch_tokens: int, flops, progress):
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens={batch_tokens} must be >= 1")
         self.base, self.results, self.batch_tokens = base, results, batch_tokens
         self.flops, self.progress = flops, progress
-        self.pending: dict[tuple[int, int], list[Job]] = {}
+        self.pending: dict[tuple[int, int, bool], list[Job]] = {}
+        self.pending_slots = 0
 
     def add(self, job: Job) -> None:
-        key = (int(job.ids.shape[0]), job.h)
+        key = (job.length, job.h, job.embeds is not None)
         group = self.pending.setdefault(key, [])
         group.append(job)
+        self.pending_slots += key[0]
         if len(group) * key[0] >= self.batch_tokens:
-            self.run(self.pending.pop(key))
+            self._run_key(key)
+        elif self.pending_slots > PENDING_BATCHES * self.batch_tokens:
+            self._run_key(max(self.pending, key=lambda k: len(self.pending[k]) * k[0]))
 
     def flush(self) -> None:
         for key in list(self.pending):
-            self.run(self.pending.pop(key))
+            self._run_key(key)
+
+    def _run_key(self, key: tuple[int, int, bool]) -> None:
+        jobs = self.pending.pop(key)
+        self.pending_slots -= len(jobs) * key[0]
+        self.run(jobs)
 
     @torch.inference_mode()
     def run(self, jobs: list[Job]) -> None:
         base, h = self.base, jobs[0].h
         t0 = time.perf_counter()
-        ids = torch.stack([j.ids for j in jobs])  # [B, L]
         positions = torch.stack([j.positions for j in jobs])  # [B, L]
-        logits = base.forward(base.embed(ids), positions, logits_to_keep=h + 1).logits[:, -h - 1:-1]  # [B, h, V]
+        if jobs[0].embeds is None:
+            inputs = base.embed(torch.stack([j.ids for j in jobs]))  # [B, L, d]
+        else:
+            inputs = torch.stack([j.embeds.to(base.device) for j in jobs])  # [B, L, d]
+        logits = base.forward(inputs, positions, logits_to_keep=h + 1).logits[:, -h - 1:-1]  # [B, h, V]
         logits = logits.float()
-        targets = ids[:, -h:].to(logits.device)  # [B, h]
+        targets = torch.stack([j.targets for j in jobs]).to(logits.device)  # [B, h]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         nll = nll.view(targets.shape).cpu()
         top1 = (logits.argmax(-1) == targets).cpu()
         if base.device.type == "cuda":
             torch.cuda.synchronize(base.device)
         share = (time.perf_counter() - t0) / len(jobs)
-        per_forward = self.flops.forward(int(ids.shape[1]), h + 1) if self.flops else float("nan")
+        per_forward = self.flops.forward(int(positions.shape[1]), h + 1) if self.flops else float("nan")
         for row, job in enumerate(jobs):
             res = self.results[job.sample]
             res.nll[job.offset:job.offset + h] = nll[row]
@@ -113,13 +160,18 @@ class _Batcher:
         self.progress.update(len(jobs))
 
 
+def new_results(samples: list[Sample]) -> list[Scores]:
+    """NaN-filled per-sample scores for the batcher to fill in."""
+    return [Scores(torch.full((s.n_targets,), float("nan")), torch.zeros(s.n_targets, dtype=torch.bool))
+            for s in samples]
+
+
 def score_chunked(base, system: ContextSystem, samples: list[Sample], w_max: int) -> list[Scores]:
     """Per-sample NLL/top-1 of ``system`` at working budget ``w_max`` (see module docstring)."""
-    results = [Scores(torch.full((s.n_targets,), float("nan")), torch.zeros(s.n_targets, dtype=torch.bool))
-               for s in samples]
+    results = new_results(samples)
     total = sum(len(chunk_bounds(s.target_start, s.target_end, system.chunk)) for s in samples)
     progress = tqdm(total=total, desc=f"{system.name} w={w_max}", unit="chunk", leave=False, mininterval=5)
-    batcher = _Batcher(base, results, system.batch_tokens, flop_model(base), progress)
+    batcher = Batcher(base, results, system.batch_tokens, flop_model(base), progress)
     plan = partial(plan_sample, system, w_max)
     select_seconds = 0.0
     if system.workers > 1 and len(samples) > 1:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megacontext.bench.harness import BenchResult, aggregate, run_systems
 from megacontext.bench.megacontext_systems import MegaContextSystem, PrefixHistory
 from megacontext.bench.registry import SystemUnavailable, build_system
-from megacontext.bench.scoring import score_chunked
-from megacontext.bench.tasks import TokenDoc, far_recall_samples, passkey_samples
-from megacontext.bench.truncation import FullAttention, WindowConfig
+from megacontext.bench.scoring import chunk_bounds, score_chunked
+from megacontext.bench.tasks import TokenDoc, far_recall_samples, passkey_samples, perplexity_samples
+from megacontext.bench.truncation import FullAttention, Truncation, WindowConfig
+from megacontext.engine import Engine, EngineConfig
+from megacontext.focus import RecencyFocus
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.lensnet.model import LensNet, LensNetConfig
-from megacontext.tree import InMemoryHistory, MeanPoolCompressor
+from megacontext.spans import BLOCK
+from megacontext.tree import MeanPoolCompressor
+from megacontext.working_context import WorkingContextConfig
 
 NAMES = ("megacontext-recency", "megacontext-lensnet", "megacontext-lexical", "meanpool-recency")
 
@@ -104,16 +109,82 @@ def test_budget_too_small_for_chunk_is_a_clear_error(tiny_base, samples):
         system.score(tiny_base, samples, 160)
 
 
-def test_prefix_history_hides_the_future(tiny_base):
-    hist = InMemoryHistory(torch.arange(100) % 128, MeanPoolCompressor.from_base(tiny_base))
-    view = PrefixHistory(hist, 70)
-    assert view.num_entries(1) == 2 and view.gists(1, 0, 2).shape[0] == 2
-    with pytest.raises(ValueError, match="not complete"):
-        view.gists(1, 0, 3)
-    with pytest.raises(ValueError, match="past the prefix"):
-        view.tokens(60, 71)
+def _engine_reference(system, sample, history, w_max):
+    """The unbatched path MegaContext systems used before chunk contexts were batched: per chunk an Engine
+    over the prefix, ``focus_on`` with the policy, ``materialize`` and one forward of WC + chunk."""
+    cfg, base = system.cfg, system.base
+    nll = torch.full((sample.n_targets,), float("nan"))
+    top1 = torch.zeros(sample.n_targets, dtype=torch.bool)
+    for s, e in chunk_bounds(sample.target_start, sample.target_end, cfg.chunk):
+        h = e - s
+        policy = system.make_policy()
+        policy = getattr(policy, "policy", policy)  # BatchedLens -> the plain LensPolicy
+        wc_cfg = WorkingContextConfig(w_max=w_max - h, recent_raw=cfg.recent_raw, position_mode=cfg.position_mode)
+        engine = Engine(base, PrefixHistory(history, s), EngineConfig(wc=wc_cfg, k=BLOCK), policy=policy)
+        if cfg.rounds and not isinstance(policy, RecencyFocus):
+            engine.focus_on(sample.tokens[max(s - cfg.query_tokens, 0):s], rounds=cfg.rounds)
+        m = engine.materialize()
+        first = s if cfg.position_mode == "absolute" else m.position_ids.shape[0]
+        chunk = sample.tokens[s:e]
+        emb = torch.cat([m.inputs_embeds, base.embed(chunk)])[None]  # [1, T + h, d]
+        pos = torch.cat([m.position_ids, torch.arange(first, first + h)])[None]
+        with torch.no_grad():
+            logits = base.forward(emb, pos, logits_to_keep=h + 1).logits[0, :-1].float()  # [h, V]
+        o = s - sample.target_start
+        nll[o:o + h] = torch.nn.functional.cross_entropy(logits, chunk, reduction="none")
+        top1[o:o + h] = logits.argmax(-1) == chunk
+    return nll, top1
 
 
-def test_skips_perplexity_tasks(tiny_base):
-    assert {"books_ppl", "code_ppl"} <= build_system("meanpool-recency", tiny_base).skip_tasks
-    assert isinstance(build_system("meanpool-recency", tiny_base), MegaContextSystem)
+@pytest.mark.parametrize("name", [*NAMES, "spy"])
+def test_batched_scores_equal_the_engine_reference(tiny_base, checkpoints, samples, name):
+    """Waves of 3 chunks, small forward batches (several flushes, mixed lengths), a history with LOD2 gists
+    (4k tokens of history) and a perplexity sample whose first
+    chunks see almost no history: every target's NLL equals the per-chunk Engine path."""
+    from megacontext.bench.megacontext_systems import MegaContextSystemConfig
+
+    docs = [TokenDoc("d0", samples[0].tokens[:600].repeat(8))]
+    todo = (samples + far_recall_samples(docs, [4000], 1, passage_min=40, passage_max=40, lead=64)
+            + perplexity_samples([TokenDoc("p", samples[0].tokens[:400])], 400))
+    opts = {**checkpoints, "chunk": 32, "recent_raw": 64, "wave": 3, "batch_tokens": 700, "rounds": 3}
+    if name == "spy":
+        system = MegaContextSystem("spy", tiny_base, MeanPoolCompressor.from_base(tiny_base), _ExpandGists,
+                                   MegaContextSystemConfig.from_dict(opts))
+    else:
+        system = build_system(name, tiny_base, opts)
+    if name == "megacontext-lensnet":  # a trained-looking head, so the policy actually moves the focus
+        torch.nn.init.normal_(system.make_policy().policy.net.head_out.weight, std=1.0)
+    w_max = 224
+    got = system.score(tiny_base, todo, w_max)
+    histories = system._histories(todo)
+    for sample, history, sc in zip(todo, histories, got, strict=True):
+        nll, top1 = _engine_reference(system, sample, history, w_max)
+        torch.testing.assert_close(sc.nll, nll, atol=1e-4, rtol=1e-4)
+        assert torch.equal(sc.top1, top1)
+    assert system.describe()["max_slots_read"][str(w_max)] <= w_max
+
+
+def test_perplexity_runs_end_to_end_through_the_harness(tiny_base, checkpoints):
+    g = torch.Generator().manual_seed(2)
+    docs = [TokenDoc(f"d{i}", torch.randint(0, 128, (520,), generator=g)) for i in range(2)]
+    tasks = {"books_ppl": perplexity_samples(docs, 520), "code_ppl": perplexity_samples(docs[:1], 300, "code_ppl")}
+    opts = {**checkpoints, "chunk": 64, "recent_raw": 64}
+    systems = [build_system(n, tiny_base, opts) for n in ("megacontext-recency", "megacontext-lensnet")]
+    systems.append(Truncation(WindowConfig(chunk=64)))
+    result = BenchResult()
+    records = run_systems(tiny_base, systems, tasks, (192, 256), result)
+    assert not result.skipped and len(records) == 3 * 2 * 2
+    aggregate(records, (0, 128, 256, 1024), n_boot=20, seed=0, result=result)
+    rows = {(r["task"], r["system"], r["w_max"], r["group"]): r for r in result.rows if r["metric"] == "nll"}
+    for system in ("megacontext-recency", "megacontext-lensnet"):
+        for w in (192, 256):
+            assert {"0-128", "128-256", "256-1024", "all"} <= {k[3] for k in rows if k[:3] == ("books_ppl", system, w)}
+            assert all(torch.isfinite(s.nll).all() for rec in records if rec.system == system for s in rec.scores)
+    for system in systems[:2]:
+        reads = system.describe()["max_slots_read"]
+        assert 192 - 64 < reads["192"] <= 192 and reads["256"] <= 256
+    # histories longer than the budget: the contexts differ from truncation's, early positions agree
+    recency = next(r for r in records if r.system == "megacontext-recency" and r.task == "books_ppl" and r.w_max == 192)
+    trunc = next(r for r in records if r.system == "truncation" and r.task == "books_ppl" and r.w_max == 192)
+    torch.testing.assert_close(recency.scores[0].nll[:127], trunc.scores[0].nll[:127], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(recency.scores[0].nll[300:], trunc.scores[0].nll[300:], atol=1e-3)
