@@ -80,9 +80,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engine-chunks", type=int, default=16, help="chunks timed on the old engine path")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared CPU)")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "chunk_build"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
     base = FrozenBase.load(args.base, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
     doc = corpora.load_books(args.books, base.encode, 1, args.history)[0]
     sample = Sample(doc.doc_id, doc.tokens[:args.history], 1, int(doc.tokens[:args.history].shape[0]))
@@ -123,13 +125,14 @@ def main() -> None:
                   f"rest {row['rest_ms']:6.1f})  engine path {row['engine_path_ms']:7.1f} ms/chunk  "
                   f"read {row['mean_read']:.0f} slots")
     meta = {**run_info(base.device), "history_tokens": int(sample.tokens.shape[0]), "chunk": args.chunk,
-            "doc": doc.doc_id}
+            "doc": doc.doc_id, "torch_threads": args.threads}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Chunk-context build cost ({meta['machine']})", "",
              f"Command: `{meta['command']}` · commit `{meta['commit']}` · {meta['date']} · history "
-             f"{meta['history_tokens']} tokens of `{doc.doc_id}`, chunk {args.chunk}, the last {len(bounds)} chunks.",
+             f"{meta['history_tokens']} tokens of `{doc.doc_id}`, chunk {args.chunk}, the last {len(bounds)} chunks, "
+             f"{args.threads} torch thread(s).",
              "", "ms per chunk; best of repeats. `engine path` = one Engine per chunk (the bench before batching).",
              "", "| system | W_max | build | in LensNet | rest | engine path | mean read (slots) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
