@@ -10,11 +10,15 @@
 #                                           # read the same budget; reduced sizes (8 per distance, 8 meetings) so it
 #                                           # stays well under 10 min (estimate ~4 min on one H100). Needs
 #                                           # models/gistnet-19m and models/lensnet-19m (tracked in the repo).
+#     bash benchmarks/run_suite.sh ppl_mc   # books_ppl + code_ppl: MegaContext systems + full/truncation/sinks/bm25
+#                                           # in one invocation, chunk 128 for every system (estimate below)
+#     bash benchmarks/run_suite.sh lingua_small  # far_recall + passkey: llmlingua at few probes, with matched
+#                                           # truncation / bm25 / megacontext-lensnet rows (estimate below)
 # Results: docs/results/bench_full_<part>/{results.json,results.md,*.png} (under $OUT on the device machine).
 # The GPU image needs: pip install rank_bm25==0.2.2 llmlingua==0.2.2 (offline wheels under carry/ if needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc}
+part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small}
 out_root=${OUT:-docs/results}
 py=${PYTHON:-python}
 case "$part" in
@@ -37,5 +41,39 @@ case "$part" in
     $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum --chunk 32 --per-distance 8 \
       --qmsum-max-meetings 8 --systems truncation sinks bm25 meanpool-recency megacontext-recency \
       megacontext-lexical megacontext-lensnet --out-dir "$out_root/bench_full_mc" ;;
+  ppl_mc)
+    # Sizes: 8 dev books + the 8 largest stdlib modules of the device's Python, first 32,768 tokens each,
+    # chunk 128 (= recent_raw; chunk 32 means 4x the chunks and does not fit) -> ~4,100 chunks per system and
+    # budget, ~8,200 over both. Estimate for one H100, from CPU timings of the chunk build (1 thread, commit
+    # 91688f5, docs/results/chunk_build.md; ms per chunk at W 1024/2048 with a 32k-token history):
+    # megacontext-recency 4.0/4.5, meanpool-recency 4.1/5.0, megacontext-lensnet 15.5/19.1 outside the
+    # network, of which ~6 ms is the allocator (4 rounds, CPU on both machines) and most of the rest is entry
+    # embedding/padding that runs on the GPU there; the network itself is one batched call per 64 chunks
+    # and round (~3 ms on the GPU, launch-bound):
+    #   chunk builds     8,200 x (4.3 + 4.6 + 10..17) ms                      ~ 160-215 s
+    #   base forwards    6 systems x 4,100 x (1,024 + 2,048) slots = 75M slots, batched 64 x 2,048,
+    #                    at 1.3-2.6M slots/s                                   ~  30-60 s
+    #   bm25 selection   ~30 ms a chunk, one worker per document (8 docs)     ~  30 s
+    #   start-up, tokenising, gisting 0.5M tokens twice, bootstrap + plots    ~  50 s
+    #   total                                                                 ~ 4.5-6 min (< 8 min)
+    # If it runs long, --ppl-max-tokens 24576 cuts every term but start-up by a quarter.
+    # megacontext-lexical is left out: LexicalFocus searches the whole prefix in each of its 4 rounds,
+    # 33-41 ms per chunk -> ~5 more minutes.
+    $py -m megacontext.cli bench --suite full --tasks books_ppl code_ppl --chunk 128 --books-max-docs 8 \
+      --ppl-max-tokens 32768 --probe-docs-max-tokens 32768 --code-max-docs 8 \
+      --position-buckets 0 256 1024 2048 4096 8192 16384 32768 \
+      --systems full truncation sinks bm25 meanpool-recency megacontext-recency megacontext-lensnet \
+      --out-dir "$out_root/bench_full_ppl_mc" ;;
+  lingua_small)
+    # LLMLingua compresses the whole history once per chunk: the last run did 24 far-recall probes at W 1024
+    # (chunk 128, ~1.5 chunks a probe, ~38k history tokens on average: ~1.36M tokens) in 181 s on one H100,
+    # i.e. ~7.5k history tokens/s. Here chunk 256 makes every probe one chunk (far-recall targets are <= 255
+    # tokens, passkey ~6), 2 probes per distance: 2 tasks x 12 probes x 2 budgets x ~38k tokens = 1.8M tokens
+    # ~ 240 s, plus ~40 s start-up and ~15 s for the matched reference rows (truncation, bm25,
+    # megacontext-lensnet at the same chunk) -> ~5 min (< 6 min). If it runs long, --w-max 1024 halves the
+    # LLMLingua part. QMSum is left out: its ~10k-token transcripts with multi-chunk answers cost ~100 s per
+    # budget for 8 meetings, and 1-2 meetings would say nothing.
+    $py -m megacontext.cli bench --suite full --tasks far_recall passkey --chunk 256 --per-distance 2 \
+      --systems llmlingua truncation bm25 megacontext-lensnet --out-dir "$out_root/bench_full_lingua_small" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
