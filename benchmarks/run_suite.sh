@@ -75,5 +75,17 @@ case "$part" in
     # budget for 8 meetings, and 1-2 meetings would say nothing.
     $py -m megacontext.cli bench --suite full --tasks far_recall passkey --chunk 256 --per-distance 2 \
       --systems llmlingua truncation bm25 megacontext-lensnet --out-dir "$out_root/bench_full_lingua_small" ;;
+  rawfirst)
+    # The raw-first starting tiling (WorkingContextConfig.recency="raw_first": longest raw suffix, everything
+    # older at the coarsest level) next to the default "spread" tiling and truncation, on the ppl_mc sizes
+    # and on the probes at the mc sizes. Two reports; ~2.5 min + ~2 min on one H100.
+    $py -m megacontext.cli bench --suite full --tasks books_ppl code_ppl --chunk 128 --books-max-docs 8 \
+      --ppl-max-tokens 32768 --probe-docs-max-tokens 32768 --code-max-docs 8 \
+      --position-buckets 0 256 1024 2048 4096 8192 16384 32768 \
+      --systems truncation megacontext-recency megacontext-rawfirst megacontext-lensnet-rawfirst \
+      --out-dir "$out_root/bench_full_ppl_rawfirst"
+    $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum --chunk 32 --per-distance 8 \
+      --qmsum-max-meetings 8 --systems truncation bm25 megacontext-recency megacontext-rawfirst \
+      megacontext-lensnet megacontext-lensnet-rawfirst --out-dir "$out_root/bench_full_mc_rawfirst" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -216,6 +216,36 @@ def collapse_by_recency(state: EntryState, num_tokens: int, recent_raw: int, w_m
     return state
 
 
+def raw_first_tiling(num_tokens: int, recent_raw: int, w_max: int, step: int = 0,
+                     device: torch.device | str | None = None) -> EntryState:
+    """The "raw first" recency tiling, built from scratch: the longest raw suffix that fits, everything older
+    at the coarsest legal level (complete 1,024-token spans as LOD2, the blocks between the last such span and
+    the raw suffix as LOD1). Compare :func:`collapse_by_recency`, which collapses only as far as needed and so
+    leaves most of a long history at LOD1 with little raw text.
+
+    With a split at block ``s`` (blocks ``[s, B)`` raw) the cost is ``s // 32 + s % 32 + 32 (B - s) + tail``,
+    strictly decreasing in ``s``; the smallest feasible ``s`` (most raw text) is chosen among ``s <= fp`` (the
+    protected blocks stay raw). Raises :class:`BudgetError` when even ``s = fp`` (= :func:`min_cost`) does not
+    fit."""
+    blocks, tail = divmod(num_tokens, BLOCK)
+    fp = first_protected_block(num_tokens, recent_raw)
+    split = torch.arange(fp + 1)  # candidate splits [fp + 1]
+    cost = split // BLOCK + split % BLOCK + BLOCK * (blocks - split) + tail
+    fits = cost <= w_max
+    if not bool(fits[-1]):
+        raise BudgetError(
+            f"w_max={w_max} is too small for a history of {num_tokens} tokens with recent_raw={recent_raw}: "
+            f"the coarsest legal tiling costs {int(cost[-1])}; set w_max >= {int(cost[-1])} or lower recent_raw"
+        )
+    s = int(fits.int().argmax())  # first feasible split: cost is decreasing, so this keeps the most raw text
+    g, r = divmod(s, BLOCK)
+    levels = torch.cat([torch.full((g,), 2), torch.ones(r, dtype=torch.long),
+                        torch.zeros(blocks - s, dtype=torch.long)])
+    indices = torch.cat([torch.arange(g), torch.arange(g * BLOCK, s), torch.arange(s, blocks)])
+    levels, indices = levels.to(device), indices.to(device)
+    return EntryState(levels, indices, torch.full_like(levels, step), torch.zeros_like(levels))
+
+
 def check_tiling(state: EntryState, num_tokens: int, recent_raw: int, w_max: int) -> None:
     """Raise :class:`InvariantError` naming the first violated invariant (see module docstring)."""
     lv, ix = state.levels, state.indices

@@ -41,6 +41,7 @@ from megacontext.wc_tiling import (
     entry_bounds,
     first_protected_block,
     min_w_max,
+    raw_first_tiling,
     sibling_runs,
 )
 
@@ -57,8 +58,14 @@ class WorkingContextConfig(Config):
     w_max: int = 1024  # slot budget of the base model's input
     recent_raw: int = 128  # the most recent tokens are always raw (their blocks stay LOD0)
     position_mode: Literal["absolute", "compact"] = "absolute"  # see wc_materialize
+    # how the budget is kept when the history outgrows it: "spread" collapses oldest-first only as far as needed
+    # (most of a long history ends at LOD1, little raw text); "raw_first" rebuilds the tiling with the longest
+    # raw suffix and everything older at the coarsest level (wc_tiling.raw_first_tiling). raw_first drops focus
+    # expansions whenever it rebuilds, so it suits recency-only runs and per-chunk contexts (benchmarks).
+    recency: Literal["spread", "raw_first"] = "spread"
 
     def __post_init__(self):
+        check(self.recency in ("spread", "raw_first"), f"recency={self.recency!r}; expected 'spread' or 'raw_first'")
         check(self.recent_raw >= 0, f"recent_raw={self.recent_raw} must be >= 0")
         # recent_raw + 32 is not enough: a mid-block protected boundary, a partial tail and the LOD1 gists
         # of a history not yet 1,024 tokens long add up to ~60 slots (see wc_tiling.min_w_max)
@@ -177,7 +184,8 @@ class WorkingContext:
     # ------------------------------------------------------------------ recency policy
     def sync(self, num_tokens: int) -> None:
         """Bring the WC up to a history of ``num_tokens`` tokens: new complete blocks enter as LOD0, the tail
-        grows, and if the budget breaks, room is made by recency (see ``collapse_by_recency``)."""
+        grows, and if the budget breaks, room is made by recency (``collapse_by_recency``, or a fresh
+        ``raw_first_tiling`` with ``recency="raw_first"``)."""
         if num_tokens < self.num_tokens:
             raise WorkingContextError(f"num_tokens={num_tokens} is shorter than the history already held "
                                       f"({self.num_tokens}); histories only grow")
@@ -190,7 +198,10 @@ class WorkingContext:
         grown = self.cost + (num_tokens - self.num_tokens)  # new LOD0 blocks and tail cost one slot per token
         if grown > self.cfg.w_max:
             # raises BudgetError before any change when even the coarsest tiling cannot fit
-            state = collapse_by_recency(state, num_tokens, self.cfg.recent_raw, self.cfg.w_max, self.step)
+            if self.cfg.recency == "raw_first":
+                state = raw_first_tiling(num_tokens, self.cfg.recent_raw, self.cfg.w_max, self.step, self.device)
+            else:
+                state = collapse_by_recency(state, num_tokens, self.cfg.recent_raw, self.cfg.w_max, self.step)
         self._swap(state, num_tokens)
         if grown <= self.cfg.w_max:
             self._cost = grown

@@ -133,6 +133,7 @@ class ChunkBuild:
     position_mode: str
     rounds: int
     query_tokens: int
+    recency: str = "spread"  # WorkingContextConfig.recency of the starting tiling
 
 
 def wc_budget(w_max: int, h: int, recent_raw: int, who: str) -> int:
@@ -151,7 +152,8 @@ def build_wave(base, history: InMemoryHistory, sample: Sample, index: int, bound
     wcs, states = [], []
     for s, e in bounds:
         wc_cfg = WorkingContextConfig(w_max=wc_budget(w_max, e - s, cfg.recent_raw, "chunk context"),
-                                      recent_raw=cfg.recent_raw, position_mode=cfg.position_mode)  # type: ignore[arg-type]
+                                      recent_raw=cfg.recent_raw, position_mode=cfg.position_mode,  # type: ignore[arg-type]
+                                      recency=cfg.recency)  # type: ignore[arg-type]
         wc = WorkingContext(wc_cfg)
         wc.sync(s)
         wcs.append(wc)

@@ -9,6 +9,11 @@ Registered systems (all share :class:`MegaContextSystem`; only the compressor an
   pointer buys, as a reference for LensNet. It searches the whole prefix for n-gram matches in every round
   of every chunk, so it is the slowest of the four on long documents.
 - ``meanpool-recency``: untrained mean-pooled gists (MeanPoolCompressor), recency tiling.
+- ``megacontext-rawfirst`` / ``megacontext-lensnet-rawfirst``: as ``megacontext-recency`` / ``-lensnet`` but
+  the starting tiling is ``recency="raw_first"`` (:func:`~megacontext.wc_tiling.raw_first_tiling`): the
+  longest raw suffix that fits and everything older at the coarsest level, instead of collapsing only as far
+  as needed (which, on a long history, leaves most slots to LOD1 gists and only ``recent_raw`` raw tokens).
+  LensNet was trained on tilings near the default one, so its raw-first row is off its training distribution.
 
 How a sample is scored (no token-by-token streaming of the history):
 1. The gists of every complete block of the sample are computed once, in big batches on the base model's
@@ -73,6 +78,7 @@ class MegaContextSystemConfig(Config):
     batch_tokens: int = 65536  # input slots per batched base forward (chunks of equal read length share one)
     wave: int = 64  # chunks built together: one batched LensNet call per round; bounds the wave's memory
     recent_raw: int = 128  # the most recent tokens before a chunk stay raw
+    recency: Literal["spread", "raw_first"] = "spread"  # starting tiling (WorkingContextConfig.recency)
     position_mode: Literal["absolute", "compact"] = "absolute"
     rounds: int = 4  # policy + allocator steps before each chunk (an LOD2 region needs 2 to reach raw)
     query_tokens: int = 64  # tokens before the chunk given to the policy as the query
@@ -88,6 +94,7 @@ class MegaContextSystemConfig(Config):
         check(self.recent_raw >= 32, f"recent_raw={self.recent_raw} must be >= 32 (the engine's K)")
         check(self.position_mode in ("absolute", "compact"),
               f"position_mode={self.position_mode!r}; expected 'absolute' or 'compact'")
+        check(self.recency in ("spread", "raw_first"), f"recency={self.recency!r}; expected 'spread' or 'raw_first'")
         check(self.rounds >= 0, f"rounds={self.rounds} must be >= 0")
         check(self.query_tokens >= 1, f"query_tokens={self.query_tokens} must be >= 1")
         check(self.batch_blocks >= 1, f"batch_blocks={self.batch_blocks} must be >= 1")
@@ -137,7 +144,7 @@ class MegaContextSystem(System):
         t0 = time.perf_counter()
         histories = self._histories(samples)
         gist_share = (time.perf_counter() - t0) / max(len(samples), 1)
-        build = ChunkBuild(cfg.recent_raw, cfg.position_mode, cfg.rounds, cfg.query_tokens)
+        build = ChunkBuild(cfg.recent_raw, cfg.position_mode, cfg.rounds, cfg.query_tokens, cfg.recency)
         results = new_results(samples)
         progress = tqdm(total=sum(map(len, plans)), desc=f"{self.name} w={w_max}", unit="chunk", leave=False,
                         mininterval=5)
@@ -209,7 +216,19 @@ def _meanpool(base, opts):
                              {"gists": "meanpool", "focus": "recency"})
 
 
+def _raw_first(factory, name):
+    def make(base, opts):
+        system = factory(base, {**opts, "recency": "raw_first"})
+        system.name = name
+        system.info = {**system.info, "tiling": "raw_first"}
+        return system
+
+    return make
+
+
 register_system("megacontext-recency", _recency)
+register_system("megacontext-rawfirst", _raw_first(_recency, "megacontext-rawfirst"))
+register_system("megacontext-lensnet-rawfirst", _raw_first(_lensnet, "megacontext-lensnet-rawfirst"))
 register_system("megacontext-lensnet", _lensnet)
 register_system("megacontext-lexical", _lexical)
 register_system("meanpool-recency", _meanpool)

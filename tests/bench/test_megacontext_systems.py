@@ -19,7 +19,8 @@ from megacontext.spans import BLOCK
 from megacontext.tree import MeanPoolCompressor
 from megacontext.working_context import WorkingContextConfig
 
-NAMES = ("megacontext-recency", "megacontext-lensnet", "megacontext-lexical", "meanpool-recency")
+NAMES = ("megacontext-recency", "megacontext-lensnet", "megacontext-lexical", "meanpool-recency",
+         "megacontext-rawfirst", "megacontext-lensnet-rawfirst")
 
 
 def _encode(text):
@@ -119,7 +120,8 @@ def _engine_reference(system, sample, history, w_max):
         h = e - s
         policy = system.make_policy()
         policy = getattr(policy, "policy", policy)  # BatchedLens -> the plain LensPolicy
-        wc_cfg = WorkingContextConfig(w_max=w_max - h, recent_raw=cfg.recent_raw, position_mode=cfg.position_mode)
+        wc_cfg = WorkingContextConfig(w_max=w_max - h, recent_raw=cfg.recent_raw, position_mode=cfg.position_mode,
+                                      recency=cfg.recency)
         engine = Engine(base, PrefixHistory(history, s), EngineConfig(wc=wc_cfg, k=BLOCK), policy=policy)
         if cfg.rounds and not isinstance(policy, RecencyFocus):
             engine.focus_on(sample.tokens[max(s - cfg.query_tokens, 0):s], rounds=cfg.rounds)
@@ -152,7 +154,7 @@ def test_batched_scores_equal_the_engine_reference(tiny_base, checkpoints, sampl
                                    MegaContextSystemConfig.from_dict(opts))
     else:
         system = build_system(name, tiny_base, opts)
-    if name == "megacontext-lensnet":  # a trained-looking head, so the policy actually moves the focus
+    if name.startswith("megacontext-lensnet"):  # a trained-looking head, so the policy actually moves the focus
         torch.nn.init.normal_(system.make_policy().policy.net.head_out.weight, std=1.0)
     w_max = 224
     got = system.score(tiny_base, todo, w_max)
