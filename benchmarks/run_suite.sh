@@ -18,7 +18,7 @@
 # The GPU image needs: pip install rank_bm25==0.2.2 llmlingua==0.2.2 (offline wheels under carry/ if needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small}
+part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small|rawfirst}
 out_root=${OUT:-docs/results}
 py=${PYTHON:-python}
 case "$part" in
