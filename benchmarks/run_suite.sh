@@ -18,7 +18,7 @@
 # The GPU image needs: pip install rank_bm25==0.2.2 llmlingua==0.2.2 (offline wheels under carry/ if needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small|rawfirst}
+part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small|rawfirst|oracle}
 out_root=${OUT:-docs/results}
 py=${PYTHON:-python}
 case "$part" in
@@ -87,5 +87,11 @@ case "$part" in
     $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum --chunk 32 --per-distance 8 \
       --qmsum-max-meetings 8 --systems truncation bm25 megacontext-recency megacontext-rawfirst \
       megacontext-lensnet megacontext-lensnet-rawfirst --out-dir "$out_root/bench_full_mc_rawfirst" ;;
+  oracle)
+    # Evidence-oracle focus (bench/evidence_focus.py: expands exactly the gists covering the probe's evidence,
+    # same allocator and rounds) as the upper bound for the learned policy, on the mc probe sizes. ~2 min.
+    $py -m megacontext.cli bench --suite full --tasks far_recall passkey --chunk 32 --per-distance 8 \
+      --systems truncation bm25 megacontext-recency megacontext-lensnet megacontext-oracle megacontext-rawfirst \
+      megacontext-lensnet-rawfirst megacontext-oracle-rawfirst --out-dir "$out_root/bench_full_oracle" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

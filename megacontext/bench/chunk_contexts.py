@@ -158,7 +158,8 @@ def build_wave(base, history: InMemoryHistory, sample: Sample, index: int, bound
         wc.sync(s)
         wcs.append(wc)
         query = sample.tokens[max(s - cfg.query_tokens, 0):s]
-        states.append(FocusState(PrefixHistory(history, s), s, query, "generate"))
+        extras = {"evidence": sample.meta["evidence"]} if "evidence" in sample.meta else {}  # evidence oracle
+        states.append(FocusState(PrefixHistory(history, s), s, query, "generate", extras))
     policy = make_policy()
     if cfg.rounds and not isinstance(policy, RecencyFocus):
         batched = hasattr(policy, "scores_batch")

@@ -34,8 +34,13 @@ How a sample is scored (no token-by-token streaming of the history):
    (every token of long documents; ~256 chunks per 32k tokens at chunk 128) affordable; they used to be
    skipped when every chunk ran its own forward.
 
+- ``megacontext-oracle`` / ``megacontext-oracle-rawfirst``: the same gists with the *evidence oracle*
+  (:mod:`megacontext.bench.evidence_focus`): for probes that record where their evidence is, a perfect pointer
+  that asks to expand exactly the gists covering it, through the same allocator and rounds. An upper bound on
+  where to look; on perplexity and QMSum samples (no evidence ranges) it equals the recency rows.
+
 Not covered, on purpose:
-- ``megacontext-oracle`` is not registered: :class:`~megacontext.lensnet.oracle.OraclePolicy` measures the
+- the *counterfactual* oracle is not registered: :class:`~megacontext.lensnet.oracle.OraclePolicy` measures the
   counterfactual utility of every collapsible entry and up to 192 expandable gists with one base forward
   each (a few hundred forwards per refocus step), times ``rounds`` steps per chunk and several chunks per
   sample, i.e. ~10^5 forwards for the probe suite: far above the suite's time budget, and it needs a
@@ -226,7 +231,17 @@ def _raw_first(factory, name):
     return make
 
 
+def _oracle(base, opts):
+    from megacontext.bench.evidence_focus import EvidenceFocus
+
+    cfg = MegaContextSystemConfig.from_dict(opts)
+    return MegaContextSystem("megacontext-oracle", base, _gist_compressor(base, cfg), EvidenceFocus, cfg,
+                             {"gists": "gistnet+l2meanpool", "focus": "evidence oracle (knows the evidence range)"})
+
+
 register_system("megacontext-recency", _recency)
+register_system("megacontext-oracle", _oracle)
+register_system("megacontext-oracle-rawfirst", _raw_first(_oracle, "megacontext-oracle-rawfirst"))
 register_system("megacontext-rawfirst", _raw_first(_recency, "megacontext-rawfirst"))
 register_system("megacontext-lensnet-rawfirst", _raw_first(_lensnet, "megacontext-lensnet-rawfirst"))
 register_system("megacontext-lensnet", _lensnet)

@@ -13,6 +13,9 @@ Tasks (ids used in configs and result files):
 - ``passkey``: "The pass key is NNNNN. Remember it." is inserted in a book haystack; ``distance`` tokens of
   haystack later comes "The pass key is" and the targets are the key's tokens.
 - ``qmsum``: meeting transcript, then "Query: ... Answer:", targets = the reference answer.
+
+Far-recall and passkey samples record ``meta["evidence"]``: the token ranges holding what the targets need
+(the original passage; the pass-key sentence), used by the evidence-oracle focus.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def far_recall_samples(docs: Sequence[TokenDoc], distances: Sequence[int], per_d
             tokens = torch.cat([stream, passage])
             start = lead + dist
             out.append(Sample(f"far_recall/d{dist}/{k}", tokens, start + 1, start + n,
-                              {"doc": doc.doc_id, "distance": dist, "passage_len": n, "offset": o}))
+                              {"doc": doc.doc_id, "distance": dist, "passage_len": n, "offset": o,
+                               "evidence": [(lead, lead + n)]}))
     return out
 
 
@@ -108,7 +112,8 @@ def passkey_samples(docs: Sequence[TokenDoc], encode: Encode, distances: Sequenc
             tokens = torch.cat([hay[:lead], statement, hay[lead:], question, answer])
             end = int(tokens.shape[0])
             out.append(Sample(f"passkey/d{dist}/{k}", tokens, end - answer.shape[0], end,
-                              {"doc": doc.doc_id, "distance": dist, "key": key}))
+                              {"doc": doc.doc_id, "distance": dist, "key": key,
+                               "evidence": [(lead, lead + int(statement.shape[0]))]}))
     return out
 
 
