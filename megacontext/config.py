@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -95,9 +98,29 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
 
 
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comment`` of each field in the class body (the CLI help text); {} without source."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    for line in lines:
+        m = _FIELD_COMMENT.match(line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type[Config], prefix: str = "") -> None:
-    """Add one ``--flag`` per field (defaults left as None so YAML values are not overridden)."""
+    """Add one ``--flag`` per field (defaults left as None so YAML values are not overridden); the help text is
+    the field's trailing comment in the dataclass plus its default."""
     hints = _field_types(cls)
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _scalar_type(hints[f.name])
         dest = f"{prefix}{f.name}"
@@ -107,7 +130,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[Config], prefix: 
         flag = "--" + dest.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        helptext = f"(default: {default!r})"
+        helptext = f"{comments[f.name]} (default: {default!r})" if f.name in comments else f"(default: {default!r})"
+        helptext = helptext.replace("%", "%%")  # argparse formats help strings with %
         if tp is bool:
             parser.add_argument(flag, dest=dest, type=_parse_bool, default=None, metavar="BOOL", help=helptext)
         elif typing.get_origin(tp) is tuple:

@@ -57,3 +57,17 @@ def test_cli_flags_override_yaml(tmp_path):
     cfg = config_from_args(Outer, args, str(path))
     assert (cfg.steps, cfg.lr, cfg.compile, cfg.sizes) == (7, 0.1, True, (5, 6))
     assert (cfg.inner.width, cfg.inner.mode) == (3, "compact")
+
+
+@dataclass
+class _Documented(Config):
+    rate: float = 0.5  # share of 100% that is kept
+    plain: int = 3
+
+
+def test_cli_help_is_the_field_comment():
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, _Documented)
+    text = parser.format_help()  # would raise on an unescaped '%'
+    assert "share of 100% that is kept (default: 0.5)" in " ".join(text.split())
+    assert "(default: 3)" in text
