@@ -26,6 +26,9 @@ def _store_args(p: argparse.ArgumentParser, create: bool) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
     if create:
+        p.add_argument("--gistnet-lod2", default=None,
+                       help="LOD2 checkpoint trained on --gistnet (train gistnet --level 2 --lod1 ...), for a new "
+                            "store; default: mean-pooled LOD1 gists unless the GistNet trained its own level 2")
         p.add_argument("--config", default=None, help="YAML with EngineConfig fields (for a new store)")
         group = p.add_argument_group("engine settings (new stores only)")
         add_config_args(group, _engine_config_cls())
@@ -49,7 +52,8 @@ def _open(args, create_ok: bool):
         raise FileNotFoundError(f"{root} is not a MegaContext store (run `megacontext ingest {root} FILE` first)")
     cfg = config_from_args(_engine_config_cls(), _config_flags(args, _engine_config_cls()), args.config)
     gistnet = {None: "auto", "none": None}.get(args.gistnet, args.gistnet)
-    return MegaContext.create(root, args.base, gistnet=gistnet, config=cfg, **common)
+    lod2 = getattr(args, "gistnet_lod2", None)
+    return MegaContext.create(root, args.base, gistnet=gistnet, gistnet_lod2=lod2, config=cfg, **common)
 
 
 def _config_flags(args: argparse.Namespace, cls) -> argparse.Namespace:

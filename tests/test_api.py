@@ -121,3 +121,23 @@ def test_corrupted_wc_tiling_is_a_store_error(tiny_base, tmp_path):
     save_file(tensors, str(store / WC_FILE))
     with pytest.raises(StoreError, match="not a legal tiling.*overlaps the protected recent 64 tokens"):
         MegaContext.open(store, tiny_base)
+
+
+def test_stacked_lod2_gistnet_is_used_and_remembered(tiny_base, tmp_path):
+    from megacontext.gistnet.model import GistNet, GistNetConfig
+
+    lod1 = GistNet(GistNetConfig(layers=1, heads=2), tiny_base.d_model, tiny_base.embed_norm)
+    lod1.save(tmp_path / "g1", tiny_base, extra={"levels": [1]})
+    lod2 = GistNet(GistNetConfig(layers=1, heads=2), tiny_base.d_model, tiny_base.embed_norm)
+    lod2.save(tmp_path / "g2", tiny_base, extra={"levels": [2], "lod1_weights_hash": lod1.weights_hash()})
+    cfg = EngineConfig(wc=WorkingContextConfig(w_max=256, recent_raw=64))
+    with MegaContext.create(tmp_path / "s", tiny_base, gistnet=str(tmp_path / "g1"), gistnet_lod2=str(tmp_path / "g2"),
+                            config=cfg) as mc:
+        version = mc.tree.compressor.version
+        assert f":l2-{lod2.weights_hash()[:8]}" in version
+    with MegaContext.open(tmp_path / "s", tiny_base) as mc:
+        assert mc.tree.compressor.version == version  # the pairing is part of the store
+    other = GistNet(GistNetConfig(layers=1, heads=2), tiny_base.d_model, tiny_base.embed_norm)
+    other.save(tmp_path / "g3", tiny_base)
+    with pytest.raises(CheckpointError, match="trained on LOD1 gists of weights"):
+        MegaContext.create(tmp_path / "t", tiny_base, gistnet=str(tmp_path / "g3"), gistnet_lod2=str(tmp_path / "g2"))
