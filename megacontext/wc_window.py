@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from megacontext.spans import BLOCK, MAX_LEVEL, complete_entries, span
-from megacontext.tree.history import check_level, check_range
+from megacontext.tree.history import check_gist_level, check_indices, check_level, check_range
 from megacontext.wc_tiling import min_cost
 
 
@@ -82,6 +82,12 @@ class HistoryWindow:
         check_range(f"LOD{level} gist", start_index, end_index, self.num_entries(level))
         off = self.start // span(level)
         return self.source.gists(level, start_index + off, end_index + off)
+
+    def gather_gists(self, level: int, indices: Tensor) -> Tensor:
+        """Gists at window-relative ``indices`` [n] -> [n, d] (one gather on the source, as materialise wants)."""
+        check_gist_level(level)
+        idx = check_indices(f"LOD{level} gist", indices, self.num_entries(level))
+        return self.source.gather_gists(level, idx + self.start // span(level))
 
     def tail_tokens(self) -> Tensor:
         return self.source.tail_tokens()  # start is block-aligned, so the tail is the source's tail

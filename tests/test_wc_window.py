@@ -57,8 +57,13 @@ def test_window_rebases_tokens_and_gists(history):
     assert torch.equal(w.gists(2, 0, 2), history.gists(2, 2, 4))
     assert w.num_entries(2) == 2 and w.num_entries(1) == (5000 - 2048) // 32
     assert torch.equal(w.tail_tokens(), history.tail_tokens())
+    idx = torch.tensor([5, 0, 91])
+    assert torch.equal(w.gather_gists(1, idx), history.gather_gists(1, idx + 64))
+    assert torch.equal(w.gather_gists(2, torch.tensor([1])), history.gists(2, 3, 4))
     with pytest.raises(IndexError):
         w.gists(2, 0, 3)
+    with pytest.raises(IndexError):
+        w.gather_gists(1, torch.tensor([w.num_entries(1)]))  # window-relative bounds, not the source's
     with pytest.raises(ValueError, match="multiple of 1024"):
         HistoryWindow(history, 1000)
     with pytest.raises(ValueError, match="past the end"):
