@@ -194,56 +194,51 @@ def _lens_policy(base, cfg: MegaContextSystemConfig):
         raise SystemUnavailable(f"LensNet checkpoint {cfg.lensnet!r} cannot be used with this base: {e}") from e
 
 
-def _recency(base, opts):
+def _recency(base, opts, name):
     cfg = MegaContextSystemConfig.from_dict(opts)
-    return MegaContextSystem("megacontext-recency", base, _gist_compressor(base, cfg), RecencyFocus, cfg,
+    return MegaContextSystem(name, base, _gist_compressor(base, cfg), RecencyFocus, cfg,
                              {"gists": "gistnet+l2meanpool", "focus": "recency"})
 
 
-def _lensnet(base, opts):
+def _lensnet(base, opts, name):
     cfg = MegaContextSystemConfig.from_dict(opts)
     policy = BatchedLens(_lens_policy(base, cfg))  # stateless: shared by every chunk
-    return MegaContextSystem("megacontext-lensnet", base, _gist_compressor(base, cfg), lambda: policy, cfg,
+    return MegaContextSystem(name, base, _gist_compressor(base, cfg), lambda: policy, cfg,
                              {"gists": "gistnet+l2meanpool", "focus": "lensnet"})
 
 
-def _lexical(base, opts):
+def _lexical(base, opts, name):
     cfg = MegaContextSystemConfig.from_dict(opts)
     # a fresh policy per chunk: LexicalFocus caches the token history it has read
-    return MegaContextSystem("megacontext-lexical", base, _gist_compressor(base, cfg), LexicalFocus, cfg,
+    return MegaContextSystem(name, base, _gist_compressor(base, cfg), LexicalFocus, cfg,
                              {"gists": "gistnet+l2meanpool", "focus": "lexical n-gram heuristic (not learned)"},
                              fresh_policy=True)
 
 
-def _meanpool(base, opts):
+def _meanpool(base, opts, name):
     cfg = MegaContextSystemConfig.from_dict(opts)
-    return MegaContextSystem("meanpool-recency", base, MeanPoolCompressor.from_base(base), RecencyFocus, cfg,
+    return MegaContextSystem(name, base, MeanPoolCompressor.from_base(base), RecencyFocus, cfg,
                              {"gists": "meanpool", "focus": "recency"})
 
 
-def _raw_first(factory, name):
-    def make(base, opts):
-        system = factory(base, {**opts, "recency": "raw_first"})
-        system.name = name
-        system.info = {**system.info, "tiling": "raw_first"}
-        return system
-
-    return make
-
-
-def _oracle(base, opts):
+def _oracle(base, opts, name):
     from megacontext.bench.evidence_focus import EvidenceFocus
 
     cfg = MegaContextSystemConfig.from_dict(opts)
-    return MegaContextSystem("megacontext-oracle", base, _gist_compressor(base, cfg), EvidenceFocus, cfg,
+    return MegaContextSystem(name, base, _gist_compressor(base, cfg), EvidenceFocus, cfg,
                              {"gists": "gistnet+l2meanpool", "focus": "evidence oracle (knows the evidence range)"})
 
 
-register_system("megacontext-recency", _recency)
-register_system("megacontext-oracle", _oracle)
-register_system("megacontext-oracle-rawfirst", _raw_first(_oracle, "megacontext-oracle-rawfirst"))
-register_system("megacontext-rawfirst", _raw_first(_recency, "megacontext-rawfirst"))
-register_system("megacontext-lensnet-rawfirst", _raw_first(_lensnet, "megacontext-lensnet-rawfirst"))
-register_system("megacontext-lensnet", _lensnet)
-register_system("megacontext-lexical", _lexical)
-register_system("meanpool-recency", _meanpool)
+def _register(name: str, factory, **fixed) -> None:
+    """Register ``factory`` under ``name``; ``fixed`` config fields override the suite's options."""
+    register_system(name, lambda base, opts: factory(base, {**opts, **fixed}, name))
+
+
+_register("megacontext-recency", _recency)
+_register("megacontext-rawfirst", _recency, recency="raw_first")
+_register("megacontext-lensnet", _lensnet)
+_register("megacontext-lensnet-rawfirst", _lensnet, recency="raw_first")
+_register("megacontext-lexical", _lexical)
+_register("megacontext-oracle", _oracle)
+_register("megacontext-oracle-rawfirst", _oracle, recency="raw_first")
+_register("meanpool-recency", _meanpool)
