@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from megacontext.base import FrozenBase
 from megacontext.config import Config, check
 from megacontext.eval.cramming import CramConfig, cram
+from megacontext.gistnet.levels import read_lod1_inputs
 from megacontext.gistnet.substitute import splice
 from megacontext.spans import BLOCK, centre_tensor, span
 
@@ -130,9 +131,7 @@ def compress(base: FrozenBase, compressor: Compressor, tokens: Tensor, level: in
     """tokens [B, g] -> [B, g / span(level), d]: LOD1 vectors per block, then (level 2) one per 32 of them.
     A compressor with ``lod1_inputs`` (GistNet) chooses what LOD1 reads; others read token embeddings."""
     bsz, g = tokens.shape
-    inputs = getattr(compressor, "lod1_inputs", None)
-    x = inputs(base, tokens.reshape(-1, BLOCK)) if inputs else base.embed(tokens)  # [B*g/32, 32, d] or [B, g, d]
-    x = x.reshape(bsz, g, -1)  # [B, g, d]
+    x = read_lod1_inputs(compressor, base, tokens.reshape(-1, BLOCK)).reshape(bsz, g, -1)  # [B, g, d]
     d = x.shape[-1]
     for lvl in range(1, level + 1):
         n = x.shape[1] // BLOCK

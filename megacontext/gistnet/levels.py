@@ -23,6 +23,17 @@ from megacontext.checkpoint import CheckpointError, read_checkpoint_meta
 from megacontext.gistnet.model import GistNet
 
 
+def read_lod1_inputs(compressor, base: FrozenBase, ids: Tensor) -> Tensor:
+    """ids [n, 32] -> what ``compressor`` reads to make LOD1 gists [n, 32, d]: a tree compressor's ``embed``, a
+    GistNet-style ``lod1_inputs`` (token embeddings or base hidden states), else the base's token embeddings
+    (mean pooling and other baselines)."""
+    if hasattr(compressor, "embed"):
+        return compressor.embed(ids)
+    if hasattr(compressor, "lod1_inputs"):
+        return compressor.lod1_inputs(base, ids)
+    return base.embed(ids)
+
+
 def trained_levels(meta: dict) -> list[int]:
     """Levels a checkpoint was trained for (older checkpoints: from their train config; default [1])."""
     if "levels" in meta:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megacontext.gistnet.levels import read_lod1_inputs
 from megacontext.spans import BLOCK, centre_tensor, cost_tensor
 from megacontext.wc_tiling import (
     EntryState,
@@ -38,16 +39,6 @@ def compress(compressor, x: Tensor, level: int) -> Tensor:
     return (fn(x, level) if fn is not None else compressor(x, level)).float()
 
 
-def lod1_inputs(compressor, base, blocks: Tensor) -> Tensor:
-    """blocks [n, 32] -> what the compressor reads for LOD1 [n, 32, d]: a tree compressor's ``embed``, a
-    GistNet's ``lod1_inputs`` (embeddings or base hidden states), else the base model's token embeddings."""
-    if hasattr(compressor, "embed"):
-        return compressor.embed(blocks)
-    if hasattr(compressor, "lod1_inputs"):
-        return compressor.lod1_inputs(base, blocks)
-    return base.embed(blocks)
-
-
 @dataclass
 class DocView:
     ids: Tensor  # [N] int64, on the base model's device
@@ -60,7 +51,7 @@ class DocView:
         ids = torch.as_tensor(ids, dtype=torch.long).to(base.device)
         n1 = ids.shape[0] // BLOCK
         blocks = ids[: n1 * BLOCK].view(n1, BLOCK)
-        lod1 = torch.cat([compress(compressor, lod1_inputs(compressor, base, blocks[i:i + chunk]).float(), 1)
+        lod1 = torch.cat([compress(compressor, read_lod1_inputs(compressor, base, blocks[i:i + chunk]).float(), 1)
                           for i in range(0, n1, chunk)] or [torch.empty(0, base.d_model, device=base.device)])
         n2 = n1 // BLOCK
         lod2 = compress(compressor, lod1[: n2 * BLOCK].view(n2, BLOCK, -1), 2) if n2 else lod1[:0]
