@@ -21,6 +21,11 @@ cd "$(dirname "$0")/.."
 part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small|rawfirst|oracle}
 out_root=${OUT:-docs/results}
 py=${PYTHON:-python}
+bench=("$py" -m megacontext.cli bench --suite full)
+# Reduced sizes shared by the MegaContext comparisons, so every report of a kind scores the same samples.
+ppl_small=(--tasks books_ppl code_ppl --chunk 128 --books-max-docs 8 --ppl-max-tokens 32768
+           --probe-docs-max-tokens 32768 --code-max-docs 8 --position-buckets 0 256 1024 2048 4096 8192 16384 32768)
+probes_small=(--chunk 32 --per-distance 8 --qmsum-max-meetings 8)  # with --tasks far_recall passkey [qmsum]
 case "$part" in
   stage)
     mkdir -p carry/bench
@@ -38,9 +43,9 @@ case "$part" in
     $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum --per-distance 4 \
       --qmsum-max-meetings 8 --systems llmlingua --out-dir "$out_root/bench_full_lingua" ;;
   mc)
-    $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum --chunk 32 --per-distance 8 \
-      --qmsum-max-meetings 8 --systems truncation sinks bm25 meanpool-recency megacontext-recency \
-      megacontext-lexical megacontext-lensnet --out-dir "$out_root/bench_full_mc" ;;
+    "${bench[@]}" --tasks far_recall passkey qmsum "${probes_small[@]}" --systems truncation sinks bm25 \
+      meanpool-recency megacontext-recency megacontext-lexical megacontext-lensnet \
+      --out-dir "$out_root/bench_full_mc" ;;
   ppl_mc)
     # Sizes: 8 dev books + the 8 largest stdlib modules of the device's Python, first 32,768 tokens each,
     # chunk 128 (= recent_raw; chunk 32 means 4x the chunks and does not fit) -> ~4,100 chunks per system and
@@ -59,9 +64,7 @@ case "$part" in
     # If it runs long, --ppl-max-tokens 24576 cuts every term but start-up by a quarter.
     # megacontext-lexical is left out: LexicalFocus searches the whole prefix in each of its 4 rounds,
     # 33-41 ms per chunk -> ~5 more minutes.
-    $py -m megacontext.cli bench --suite full --tasks books_ppl code_ppl --chunk 128 --books-max-docs 8 \
-      --ppl-max-tokens 32768 --probe-docs-max-tokens 32768 --code-max-docs 8 \
-      --position-buckets 0 256 1024 2048 4096 8192 16384 32768 \
+    "${bench[@]}" "${ppl_small[@]}" \
       --systems full truncation sinks bm25 meanpool-recency megacontext-recency megacontext-lensnet \
       --out-dir "$out_root/bench_full_ppl_mc" ;;
   lingua_small)
@@ -79,19 +82,17 @@ case "$part" in
     # The raw-first starting tiling (WorkingContextConfig.recency="raw_first": longest raw suffix, everything
     # older at the coarsest level) next to the default "spread" tiling and truncation, on the ppl_mc sizes
     # and on the probes at the mc sizes. Two reports; ~2.5 min + ~2 min on one H100.
-    $py -m megacontext.cli bench --suite full --tasks books_ppl code_ppl --chunk 128 --books-max-docs 8 \
-      --ppl-max-tokens 32768 --probe-docs-max-tokens 32768 --code-max-docs 8 \
-      --position-buckets 0 256 1024 2048 4096 8192 16384 32768 \
+    "${bench[@]}" "${ppl_small[@]}" \
       --systems truncation megacontext-recency megacontext-rawfirst megacontext-lensnet-rawfirst \
       --out-dir "$out_root/bench_full_ppl_rawfirst"
-    $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum --chunk 32 --per-distance 8 \
-      --qmsum-max-meetings 8 --systems truncation bm25 megacontext-recency megacontext-rawfirst \
+    "${bench[@]}" --tasks far_recall passkey qmsum "${probes_small[@]}" --systems truncation bm25 \
+      megacontext-recency megacontext-rawfirst \
       megacontext-lensnet megacontext-lensnet-rawfirst --out-dir "$out_root/bench_full_mc_rawfirst" ;;
   oracle)
     # Evidence-oracle focus (bench/evidence_focus.py: expands exactly the gists covering the probe's evidence,
     # same allocator and rounds) as the upper bound for the learned policy, on the mc probe sizes. ~2 min.
-    $py -m megacontext.cli bench --suite full --tasks far_recall passkey --chunk 32 --per-distance 8 \
-      --systems truncation bm25 megacontext-recency megacontext-lensnet megacontext-oracle megacontext-rawfirst \
+    "${bench[@]}" --tasks far_recall passkey "${probes_small[@]}" --systems truncation bm25 megacontext-recency \
+      megacontext-lensnet megacontext-oracle megacontext-rawfirst \
       megacontext-lensnet-rawfirst megacontext-oracle-rawfirst --out-dir "$out_root/bench_full_oracle" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
