@@ -116,6 +116,13 @@ def match_weights(history: Tensor, query: Tensor, n: int, max_occurrences: int) 
     return weights
 
 
+def idle_scores(ends: Tensor, num_tokens: int, magnitude: float) -> Tensor:
+    """Small negative scores [E] for entries ending at ``ends``: older ones more negative (up to ``-magnitude``),
+    so the allocator pays for expansions with the oldest unneeded detail first."""
+    age = 1.0 - ends.float() / max(num_tokens, 1)  # 0 = newest, -> 1 = oldest
+    return -magnitude * (0.2 + 0.8 * age)
+
+
 def span_sums(per_token: Tensor, starts: Tensor, ends: Tensor) -> Tensor:
     """Sum of per_token over each [start, end) -> [E] (cumulative-sum gather, no loop)."""
     csum = torch.nn.functional.pad(torch.cumsum(per_token, 0), (1, 0))  # [T + 1]
@@ -154,8 +161,7 @@ class LexicalFocus:
         levels = wc.levels.cpu()
         match = span_sums(w, starts, ends)  # [E]
         match = torch.where(match >= cfg.min_score, match * cfg.match_scale, torch.zeros_like(match))
-        age = 1.0 - ends.float() / max(state.num_tokens, 1)  # 0 = newest, -> 1 = oldest
-        idle = -cfg.idle_collapse * (0.2 + 0.8 * age)  # older unmatched raw blocks pay first
+        idle = idle_scores(ends, state.num_tokens, cfg.idle_collapse)  # older unmatched raw blocks pay first
         unmatched_raw = (levels == 0) & (match <= 0)
         out = torch.where(unmatched_raw, idle, match)
         return out.to(wc.levels.device)

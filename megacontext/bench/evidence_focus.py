@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megacontext.focus import FocusState, span_sums
+from megacontext.focus import FocusState, idle_scores, span_sums
 
 EVIDENCE_KEY = "evidence"  # FocusState.extras key: list of (start, end) token ranges in the sample's stream
 
@@ -49,8 +49,7 @@ class EvidenceFocus:
         starts, ends = (x.cpu() for x in wc.spans())
         levels = wc.levels.cpu()
         hit = span_sums(covered, starts, ends) > 0  # [E]
-        age = 1.0 - ends.float() / max(n, 1)  # 0 = newest, -> 1 = oldest
-        idle = -self.idle_collapse * (0.2 + 0.8 * age)
-        out = torch.where(hit & (levels > 0), torch.full_like(age, self.expand_score), torch.zeros_like(age))
+        idle = idle_scores(ends, n, self.idle_collapse)  # [E]
+        out = torch.where(hit & (levels > 0), torch.full_like(idle, self.expand_score), torch.zeros_like(idle))
         out = torch.where(~hit & (levels == 0), idle, out)
         return out.to(wc.levels.device)
