@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from megacontext.allocator import AllocatorConfig, allocate, choose_actions
-from megacontext.device import select_device
-from megacontext.eval.provenance import git_commit
-from megacontext.spans import BLOCK, cost_tensor
-from megacontext.wc_tiling import EntryState, check_tiling, first_protected_block
+from megacontext.core.device import select_device
+from megacontext.core.lod import BLOCK, cost_tensor
+from megacontext.core.provenance import git_commit
+from megacontext.wc.allocator import AllocatorConfig, allocate, choose_actions
+from megacontext.wc.tiling import EntryState, check_tiling, first_protected_block
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"

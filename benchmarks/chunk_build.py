@@ -29,11 +29,11 @@ from megacontext.bench.chunk_contexts import ChunkBuild, PrefixHistory, build_wa
 from megacontext.bench.registry import build_system
 from megacontext.bench.scoring import chunk_bounds
 from megacontext.bench.system import Sample
-from megacontext.engine import Engine, EngineConfig
-from megacontext.eval.provenance import run_info
+from megacontext.core.lod import BLOCK
+from megacontext.core.provenance import run_info
 from megacontext.focus import RecencyFocus
-from megacontext.spans import BLOCK
-from megacontext.working_context import WorkingContextConfig
+from megacontext.runtime.engine import Engine, EngineConfig
+from megacontext.wc.working_context import WorkingContextConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("megacontext-recency", "meanpool-recency", "megacontext-lensnet", "megacontext-lexical")

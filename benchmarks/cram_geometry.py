@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.base import FrozenBase
-from megacontext.eval.cramming import cram
-from megacontext.eval.gist import window_nll
-from megacontext.eval.provenance import run_info
+from megacontext.core.provenance import run_info
+from megacontext.gistnet.eval.cramming import cram
+from megacontext.gistnet.eval.substitution import window_nll
 from megacontext.gistnet.model import GistNet
 from megacontext.gistnet.objective import make_prefix
 from megacontext.gistnet.windows import open_windows

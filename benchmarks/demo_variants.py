@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from megacontext.demo import DemoConfig, run_demo
-from megacontext.eval.provenance import git_commit, machine
+from megacontext.core.provenance import git_commit, machine
+from megacontext.demo.run import DemoConfig, run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = [(g, p, r) for g in ("none", "auto") for p in ("absolute", "compact") for r in (128, 256)]

@@ -19,11 +19,11 @@ import torch
 
 from megacontext.api import MegaContext
 from megacontext.base import FrozenBase
-from megacontext.demo_input import ships_log
-from megacontext.engine import EngineConfig
-from megacontext.eval.provenance import git_commit, machine
-from megacontext.sampling import SamplingConfig
-from megacontext.working_context import WorkingContextConfig
+from megacontext.core.provenance import git_commit, machine
+from megacontext.demo.input import ships_log
+from megacontext.runtime.engine import EngineConfig
+from megacontext.runtime.sampling import SamplingConfig
+from megacontext.wc.working_context import WorkingContextConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

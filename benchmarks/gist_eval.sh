@@ -29,7 +29,7 @@ case "$part" in
   run)
     out=${OUT:-docs/results}
     mkdir -p "$out"
-    $py -m megacontext.eval.commands gist --base "$base" --gistnet "${GISTNET:-models/gistnet-19m}" \
+    $py -m megacontext.cli.eval gist --base "$base" --gistnet "${GISTNET:-models/gistnet-19m}" \
       --cache "$cache" --split all --windows "${WINDOWS:-2000}" --batch-size 64 \
       --cram.windows 32 --cram.steps 300 --cram.batch 16 \
       --out-dir "$out" --scores "$out/gist_eval_scores.npz" "$@" ;;

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import read_checkpoint_meta
+from megacontext.core.checkpoint import read_checkpoint_meta
 from megacontext.gistnet.model import GistNet
 
 

@@ -11,7 +11,7 @@ and gisting alone), disk bytes per token, host RSS (current, anonymous, peak) an
 interval, which must stay flat as the tree grows. (b) builds (or reuses) a tree per history length and
 times ``Engine.score`` and ``Engine.generate`` on the same ``w_max``, with the engine's per-stage telemetry
 (gist, lens, allocate, prefill, decode). A working context tiles its history from token 0 and can cover
-at most ``wc_window.reach(w_max)`` tokens, so longer trees are read through a ``HistoryWindow`` of their
+at most ``wc.tiling.reach(w_max)`` tokens, so longer trees are read through a ``HistoryWindow`` of their
 newest part (recorded per row). (c) runs the real GistNet trainer under torchrun and reports tokens/s
 per world size (per-rank batch fixed: weak scaling) and the efficiency ``tps(N) / (N * tps(1))``.
 
@@ -212,8 +212,8 @@ def open_or_build(base: FrozenBase, path: Path, n: int, stream: TokenStream, com
 def make_policy(kind: str, base: FrozenBase, lensnet: str):
     if kind != "lensnet":
         return None, kind
+    from megacontext.focus.lens import LensPolicy
     from megacontext.lensnet.model import LensNet, LensNetConfig
-    from megacontext.lensnet.policy import LensPolicy
 
     if lensnet:
         return LensPolicy.load(lensnet, base), f"LensNet {lensnet}"
@@ -222,11 +222,12 @@ def make_policy(kind: str, base: FrozenBase, lensnet: str):
 
 
 def cost_row(base: FrozenBase, tree: MegaContextTree, stream: TokenStream, args) -> dict:
-    from megacontext.engine import Engine, EngineConfig
-    from megacontext.sampling import SamplingConfig
-    from megacontext.telemetry import StageTimer
-    from megacontext.wc_window import HistoryWindow, reach, window_start
-    from megacontext.working_context import WorkingContextConfig
+    from megacontext.runtime.engine import Engine, EngineConfig
+    from megacontext.runtime.sampling import SamplingConfig
+    from megacontext.runtime.telemetry import StageTimer
+    from megacontext.tree.window import HistoryWindow, window_start
+    from megacontext.wc.tiling import reach
+    from megacontext.wc.working_context import WorkingContextConfig
 
     dev = base.device
     wcfg = WorkingContextConfig(w_max=args.w_max, recent_raw=args.recent_raw)
@@ -267,7 +268,7 @@ def cost_row(base: FrozenBase, tree: MegaContextTree, stream: TokenStream, args)
 
 # ---------------------------------------------------------------------- (c) DDP training throughput
 def ddp(args) -> dict | None:
-    from megacontext import distributed as D
+    from megacontext.core import distributed as D
     from megacontext.gistnet.train import GistTrainConfig, train
 
     info = D.init_distributed(args.device)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megacontext.eval.provenance import git_commit
+from megacontext.core.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 

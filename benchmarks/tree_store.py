@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.eval.provenance import git_commit
+from megacontext.core.provenance import git_commit
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
 
 REPO = Path(__file__).resolve().parents[1]

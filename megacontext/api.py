@@ -1,6 +1,6 @@
 """Python API: a persistent memory (store directory + base model + checkpoints) you can talk to.
 
-    with MegaContext.create("stores/notes", base="models/base-llama-19m") as mc:
+    with MegaContext.create("stores/notes") as mc:      # the embedded base-llama-19m; any HF causal LM works
         mc.ingest(open("book.txt").read())
         print(mc.generate("The name of the ship was", max_new_tokens=16))
     with MegaContext.open("stores/notes") as mc:       # same memory, same working context
@@ -28,14 +28,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import CheckpointError, read_checkpoint_meta
-from megacontext.engine import Engine, EngineConfig, ScoreResult
-from megacontext.focus import make_policy
-from megacontext.sampling import SamplingConfig
-from megacontext.telemetry import Telemetry
+from megacontext.core.assets import BASE_MODEL, EMBEDDED, GISTNET_MODEL, AssetError
+from megacontext.core.checkpoint import CheckpointError, read_checkpoint_meta
+from megacontext.focus.registry import make_policy
+from megacontext.runtime.engine import Engine, EngineConfig, ScoreResult
+from megacontext.runtime.sampling import SamplingConfig
+from megacontext.runtime.telemetry import Telemetry
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
-from megacontext.wc_tiling import EntryState
-from megacontext.working_context import WorkingContext, WorkingContextError
+from megacontext.wc import WorkingContext, WorkingContextError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ ENGINE_FILE = "engine.json"
 WC_FILE = "wc.safetensors"
 TELEMETRY_FILE = "telemetry.jsonl"
 FORMAT_VERSION = 1
-DEFAULT_BASE = Path(__file__).resolve().parents[1] / "models" / "base-llama-19m"
-DEFAULT_GISTNET = DEFAULT_BASE.parent / "gistnet-19m"
 
 
 class StoreError(ValueError):
@@ -54,18 +52,19 @@ class StoreError(ValueError):
 def _load_base(base, device, dtype) -> FrozenBase:
     if isinstance(base, FrozenBase):
         return base
-    return FrozenBase.load(str(base or DEFAULT_BASE), device=device, dtype=dtype)
+    return FrozenBase.load(str(base or BASE_MODEL), device=device, dtype=dtype)
 
 
 def resolve_gistnet(base: FrozenBase, gistnet: str | None) -> str | None:
-    """``"auto"`` -> the embedded GistNet when it was trained for this base model, else None (mean pooling)."""
+    """``"auto"`` -> the embedded GistNet (its name) when it was trained for this base model, else None (mean
+    pooling)."""
     if gistnet != "auto":
         return gistnet
     try:
-        meta = read_checkpoint_meta(DEFAULT_GISTNET)
-    except CheckpointError:
+        meta = read_checkpoint_meta(GISTNET_MODEL)
+    except (CheckpointError, AssetError):
         return None
-    return str(DEFAULT_GISTNET) if meta["base_fingerprint"] == base.fingerprint else None
+    return GISTNET_MODEL if meta["base_fingerprint"] == base.fingerprint else None
 
 
 def _compressor(base: FrozenBase, gistnet: str | None, lod2: str | None = None):
@@ -86,14 +85,18 @@ def _policy(cfg: EngineConfig, base: FrozenBase, lensnet: str | None):
         if lensnet is None:
             raise CheckpointError("focus='lensnet' needs a LensNet checkpoint directory (lensnet=...)")
         read_checkpoint_meta(lensnet)
-        from megacontext.lensnet.policy import LensPolicy
+        from megacontext.focus.lens import LensPolicy
 
         return LensPolicy.load(lensnet, base)
     return make_policy(cfg.focus)
 
 
 def _abs(p) -> str | None:
-    return None if p is None else str(Path(p).expanduser().resolve())
+    """How a store records a model: an embedded name as the name (found again after a reinstall or on another
+    machine, see :mod:`megacontext.core.assets`), a path as an absolute path."""
+    if p is None or (str(p) in EMBEDDED and not Path(p).exists()):
+        return None if p is None else str(p)
+    return str(Path(p).expanduser().resolve())
 
 
 class MegaContext:
@@ -109,7 +112,7 @@ class MegaContext:
                gistnet_lod2: str | None = None, lensnet: str | None = None, config: EngineConfig | None = None,
                device: str | None = None, dtype: str | None = None, durable: bool = True) -> MegaContext:
         """A new, empty memory in ``store`` (which must not exist or be empty). ``gistnet``: a checkpoint,
-        None for mean-pooled gists, or "auto": the embedded ``models/gistnet-19m`` when it was trained for
+        None for mean-pooled gists, or "auto": the embedded ``gistnet-19m`` when it was trained for
         this base model, else mean pooling. ``gistnet_lod2``: a LOD2 checkpoint trained on that GistNet
         (``train gistnet --level 2 --lod1 ...``); without it LOD2 gists are mean-pooled LOD1 gists unless
         the GistNet checkpoint trained its own level 2."""
@@ -123,7 +126,7 @@ class MegaContext:
         comp = _compressor(fb, gistnet, gistnet_lod2)
         tree = MegaContextTree.create(root, fb.d_model, fb.fingerprint, comp, config=TreeConfig(durable=durable))
         meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(),
-                "base": {"path": fb.name if isinstance(base, FrozenBase) else _abs(base or DEFAULT_BASE),
+                "base": {"path": fb.name if isinstance(base, FrozenBase) else _abs(base or BASE_MODEL),
                          "fingerprint": fb.fingerprint},
                 "gistnet": _abs(gistnet), "gistnet_lod2": _abs(gistnet_lod2), "lensnet": _abs(lensnet), "step": 0}
         engine = Engine(fb, tree, cfg, policy, telemetry=Telemetry(root / TELEMETRY_FILE))
@@ -222,11 +225,8 @@ class MegaContext:
             raise StoreError(f"store {str(self.root)!r} is open read-only; nothing to save")
         self.tree.flush()
         wc = self.engine.wc
-        tensors = {"levels": wc.levels.cpu(), "indices": wc.indices.cpu(), "born": wc.state.born.cpu(),
-                   "origin": wc.state.origin.cpu(), "num_tokens": torch.tensor([wc.num_tokens]),
-                   "wc_step": torch.tensor([wc.step])}
         tmp = self.root / (WC_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file(wc.state_dict(), str(tmp))
         os.replace(tmp, self.root / WC_FILE)
         self._meta["step"] = self.engine.step
         self._meta["num_tokens"] = wc.num_tokens
@@ -282,15 +282,14 @@ def _load_wc(root: Path, cfg: EngineConfig, num_tokens: int) -> WorkingContext:
     if not path.is_file():
         raise StoreError(f"{str(root)!r} has no {WC_FILE}: the working-context state is missing")
     try:
-        t = load_file(str(path))
-        state = EntryState(t["levels"], t["indices"], t["born"], t["origin"])
-        held, wc_step = int(t["num_tokens"][0]), int(t["wc_step"][0])
+        tensors = load_file(str(path))
+        held = int(tensors["num_tokens"][0])
     except (KeyError, OSError, RuntimeError, SafetensorError) as e:
         raise StoreError(f"{path}: damaged working-context state ({e})") from e
     if held > num_tokens:
         raise StoreError(f"{path}: the working context covers {held} tokens but the tree holds only {num_tokens}")
     try:
-        wc = WorkingContext.from_state(cfg.wc, state, held, wc_step)
+        wc = WorkingContext.from_state_dict(cfg.wc, tensors)
     except WorkingContextError as e:
         raise StoreError(f"{path}: working-context state is not a legal tiling: {e}") from e
     if held < num_tokens:  # tokens committed after the last save (e.g. a crash): bring the WC up by recency

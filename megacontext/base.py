@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megacontext.device import log_placement, select_device, select_dtype
+from megacontext.core.assets import resolve
+from megacontext.core.device import log_placement, select_device, select_dtype
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,11 @@ class FrozenBase:
     @classmethod
     def load(cls, name_or_path: str, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None) -> FrozenBase:
-        """Load any HF causal LM from a local directory or a hub id (hub ids need network or cache)."""
+        """Load any HF causal LM from a local directory, an embedded model name (``base-llama-19m``, see
+        :mod:`megacontext.core.assets`) or a hub id (hub ids need network or cache)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        name_or_path = resolve(name_or_path)
         looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
                        or os.path.exists(name_or_path))
         path = os.path.expanduser(name_or_path)

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from megacontext.api import ENGINE_FILE, WC_FILE, MegaContext, StoreError
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import CheckpointError
-from megacontext.engine import EngineConfig
-from megacontext.working_context import WorkingContextConfig, check_invariants
+from megacontext.core.checkpoint import CheckpointError
+from megacontext.runtime.engine import EngineConfig
+from megacontext.wc.working_context import WorkingContextConfig, check_invariants
 from tests.conftest import tiny_llama
 
 CFG = EngineConfig(wc=WorkingContextConfig(w_max=160, recent_raw=64), focus="lexical", debug=True)
@@ -75,7 +75,7 @@ def test_errors_are_clear(tiny_base, tmp_path):
         MegaContext.create(tmp_path / "g", tiny_base, gistnet=str(tmp_path / "missing-gistnet"))
     with pytest.raises(CheckpointError, match="needs a LensNet checkpoint"):
         MegaContext.create(tmp_path / "l", tiny_base, config=EngineConfig(focus="lensnet"))
-    with pytest.raises(ValueError, match="not built in"):
+    with pytest.raises(ValueError, match="focus='telepathy'"):  # refused by the config, before any store exists
         MegaContext.create(tmp_path / "f", tiny_base, config=EngineConfig(focus="telepathy"))
 
     store = tmp_path / "mem"

@@ -2,11 +2,11 @@
 before it and refocused by a focus policy, turned into a scoring :class:`~megacontext.bench.scoring.Job`.
 
 Semantics, for a chunk ``[s, e)`` of ``h`` targets (the same as opening an
-:class:`~megacontext.engine.Engine` over the prefix, calling ``focus_on(query, rounds)`` and
+:class:`~megacontext.runtime.engine.Engine` over the prefix, calling ``focus_on(query, rounds)`` and
 ``materialize``; the parity test compares against exactly that):
 1. the WC, with a budget of ``w_max - h`` slots, is the recency tiling of the prefix ``[0, s)``
    (``WorkingContext.sync`` from empty, step 0);
-2. ``rounds`` policy + allocator steps (default :class:`~megacontext.allocator.AllocatorConfig`) run with the
+2. ``rounds`` policy + allocator steps (default :class:`~megacontext.wc.allocator.AllocatorConfig`) run with the
    ``query_tokens`` tokens before ``s`` as the query, phase ``generate``; a WC with no entries yet has nothing
    to allocate; :class:`~megacontext.focus.RecencyFocus` never has an opinion, so its rounds are skipped;
 3. the WC is materialised and followed by the chunk's raw tokens at the next positions, so the base reads at
@@ -32,15 +32,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megacontext.allocator import AllocatorConfig
 from megacontext.bench.scoring import Job
 from megacontext.bench.system import Sample
+from megacontext.core.lod import centre_tensor, complete_entries, segment_ids
 from megacontext.focus import FocusState, RecencyFocus
-from megacontext.spans import centre_tensor, complete_entries
 from megacontext.tree import InMemoryHistory
 from megacontext.tree.history import check_gist_level, check_indices
-from megacontext.wc_tiling import min_w_max, segment_ids
-from megacontext.working_context import WorkingContext, WorkingContextConfig
+from megacontext.wc.allocator import AllocatorConfig
+from megacontext.wc.tiling import min_w_max
+from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
 
 
 class PrefixHistory:
@@ -71,7 +71,7 @@ class PrefixHistory:
 
 
 class BatchedLens:
-    """A :class:`~megacontext.lensnet.policy.LensPolicy` that can also score many WCs in one LensNet call.
+    """A :class:`~megacontext.focus.lens.LensPolicy` that can also score many WCs in one LensNet call.
 
     ``scores`` is the wrapped policy's own (so the engine can use this object too); ``scores_batch`` builds
     the same features for every WC (entry vectors, entry ages, the query's last ``tail_tokens`` tokens) and
@@ -88,7 +88,7 @@ class BatchedLens:
 
     @torch.no_grad()
     def scores_batch(self, wcs: list[WorkingContext], states: list[FocusState], source) -> list[Tensor]:
-        from megacontext.lensnet.policy import entry_vectors_from_source
+        from megacontext.focus.lens import entry_vectors_from_source
 
         if not wcs:
             return []

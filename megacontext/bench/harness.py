@@ -1,7 +1,7 @@
 """Run systems x tasks x budgets, then aggregate per-target scores into estimates with 95% bootstrap CIs.
 
 Aggregation unit = one sample (a document for the perplexity tasks, one probe otherwise): per-target NLL
-is averaged within the unit first, then :func:`megacontext.eval.stats.mean_ci` bootstraps over units, so
+is averaged within the unit first, then :func:`megacontext.core.stats.mean_ci` bootstraps over units, so
 long documents do not dominate and the interval reflects between-document variation. NaN targets (system
 not applicable there, e.g. full attention past its native window) are left out, and units with no finite
 target in a group are dropped from that group.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megacontext.bench.system import Sample, Scores, System
-from megacontext.eval.stats import mean_ci
+from megacontext.core.stats import mean_ci
 
 log = logging.getLogger(__name__)
 

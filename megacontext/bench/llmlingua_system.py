@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from megacontext.bench.flops import flop_model
-from megacontext.bench.system import ContextSystem, Selection
-from megacontext.config import Config, check
+from megacontext.bench.scoring import ContextSystem
+from megacontext.bench.system import Selection
+from megacontext.core.config import Config, check
 
 log = logging.getLogger(__name__)
 

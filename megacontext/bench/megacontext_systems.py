@@ -10,7 +10,7 @@ Registered systems (all share :class:`MegaContextSystem`; only the compressor an
   of every chunk, so it is the slowest of the four on long documents.
 - ``meanpool-recency``: untrained mean-pooled gists (MeanPoolCompressor), recency tiling.
 - ``megacontext-rawfirst`` / ``megacontext-lensnet-rawfirst``: as ``megacontext-recency`` / ``-lensnet`` but
-  the starting tiling is ``recency="raw_first"`` (:func:`~megacontext.wc_tiling.raw_first_tiling`): the
+  the starting tiling is ``recency="raw_first"`` (:func:`~megacontext.wc.tiling.raw_first_tiling`): the
   longest raw suffix that fits and everything older at the coarsest level, instead of collapsing only as far
   as needed (which, on a long history, leaves most slots to LOD1 gists and only ``recent_raw`` raw tokens).
   LensNet was trained on tilings near the default one, so its raw-first row is off its training distribution.
@@ -35,12 +35,12 @@ How a sample is scored (no token-by-token streaming of the history):
    skipped when every chunk ran its own forward.
 
 - ``megacontext-oracle`` / ``megacontext-oracle-rawfirst``: the same gists with the *evidence oracle*
-  (:mod:`megacontext.bench.evidence_focus`): for probes that record where their evidence is, a perfect pointer
+  (:mod:`megacontext.focus.oracles`): for probes that record where their evidence is, a perfect pointer
   that asks to expand exactly the gists covering it, through the same allocator and rounds. An upper bound on
   where to look; on perplexity and QMSum samples (no evidence ranges) it equals the recency rows.
 
 Not covered, on purpose:
-- the *counterfactual* oracle is not registered: :class:`~megacontext.lensnet.oracle.OraclePolicy` measures the
+- the *counterfactual* oracle is not registered: :class:`~megacontext.focus.oracles.OraclePolicy` measures the
   counterfactual utility of every collapsible entry and up to 192 expandable gists with one base forward
   each (a few hundred forwards per refocus step), times ``rounds`` steps per chunk and several chunks per
   sample, i.e. ~10^5 forwards for the probe suite: far above the suite's time budget, and it needs a
@@ -56,7 +56,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from megacontext.bench.chunk_contexts import BatchedLens, ChunkBuild, PrefixHistory, build_wave, wc_budget
@@ -64,7 +63,8 @@ from megacontext.bench.flops import flop_model
 from megacontext.bench.registry import SystemUnavailable, register_system
 from megacontext.bench.scoring import Batcher, chunk_bounds, new_results
 from megacontext.bench.system import Sample, Scores, System
-from megacontext.config import Config, check
+from megacontext.core.assets import GISTNET_MODEL, LENSNET_MODEL
+from megacontext.core.config import Config, check
 from megacontext.focus import LexicalFocus, RecencyFocus
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor
 
@@ -72,9 +72,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MegaContextSystem", "MegaContextSystemConfig", "PrefixHistory"]
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
-DEFAULT_GISTNET = MODELS / "gistnet-19m"
-DEFAULT_LENSNET = MODELS / "lensnet-19m"
 
 
 @dataclass
@@ -87,8 +84,8 @@ class MegaContextSystemConfig(Config):
     position_mode: Literal["absolute", "compact"] = "absolute"
     rounds: int = 4  # policy + allocator steps before each chunk (an LOD2 region needs 2 to reach raw)
     query_tokens: int = 64  # tokens before the chunk given to the policy as the query
-    gistnet: str = str(DEFAULT_GISTNET)
-    lensnet: str = str(DEFAULT_LENSNET)
+    gistnet: str = GISTNET_MODEL  # GistNet checkpoint: a directory or an embedded model name
+    lensnet: str = LENSNET_MODEL  # LensNet checkpoint: a directory or an embedded model name
     batch_blocks: int = 4096  # blocks per batched compressor call when gisting a history
     gist_dtype: str = "float16"
 
@@ -174,7 +171,7 @@ class MegaContextSystem(System):
 
 # ---------------------------------------------------------------------------------------------- factories
 def _gist_compressor(base, cfg: MegaContextSystemConfig):
-    from megacontext.checkpoint import CheckpointError
+    from megacontext.core.checkpoint import CheckpointError
     from megacontext.gistnet.compressor import GistCompressor
     from megacontext.gistnet.model import GistNet
 
@@ -185,8 +182,8 @@ def _gist_compressor(base, cfg: MegaContextSystemConfig):
 
 
 def _lens_policy(base, cfg: MegaContextSystemConfig):
-    from megacontext.checkpoint import CheckpointError
-    from megacontext.lensnet.policy import LensPolicy
+    from megacontext.core.checkpoint import CheckpointError
+    from megacontext.focus.lens import LensPolicy
 
     try:
         return LensPolicy.load(cfg.lensnet, base)
@@ -222,7 +219,7 @@ def _meanpool(base, opts, name):
 
 
 def _oracle(base, opts, name):
-    from megacontext.bench.evidence_focus import EvidenceFocus
+    from megacontext.focus.oracles import EvidenceFocus
 
     cfg = MegaContextSystemConfig.from_dict(opts)
     return MegaContextSystem(name, base, _gist_compressor(base, cfg), EvidenceFocus, cfg,

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from megacontext.bench.harness import DISTANCE_TASKS, PPL_TASKS, BenchResult
-from megacontext.eval.provenance import git_commit
+from megacontext.core.provenance import git_commit
 
 log = logging.getLogger(__name__)
 

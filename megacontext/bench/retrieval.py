@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from megacontext.bench.system import ContextSystem, Selection, place
-from megacontext.config import Config, check
-from megacontext.spans import BLOCK
+from megacontext.bench.scoring import ContextSystem
+from megacontext.bench.system import Selection, place
+from megacontext.core.config import Config, check
+from megacontext.core.lod import BLOCK
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Chunked, batched NLL evaluation of a :class:`~megacontext.bench.system.ContextSystem`.
+"""Chunked, batched NLL evaluation of a :class:`ContextSystem` (a baseline defined by its context selection).
 
 Each sample's target range is cut into chunks of at most ``system.chunk`` tokens. For a chunk ``[s, e)`` the
 system selects a context from ``tokens[:s]`` within ``w_max - (e - s)`` slots; the base model then reads
@@ -22,21 +22,39 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
+from abc import abstractmethod
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from megacontext.bench.flops import flop_model
-from megacontext.bench.system import ContextSystem, Sample, Scores
+from megacontext.bench.system import Sample, Scores, Selection, System
 
 log = logging.getLogger(__name__)
 
 
 PENDING_BATCHES = 8  # pending input slots over all keys, in units of batch_tokens
+
+
+class ContextSystem(System):
+    """A system defined by a context selection rule; scoring is chunked and batched by the harness."""
+
+    chunk: int = 128  # targets scored per forward
+    batch_tokens: int = 65536  # input slots per batched forward
+    workers: int = 1  # processes computing selections (only for CPU-heavy, picklable systems)
+
+    @abstractmethod
+    def select(self, history: Tensor, budget: int) -> Selection | None:
+        """Choose at most ``budget`` ids (with positions) from ``history`` [s] (all tokens before the chunk).
+        Return None when the system does not apply to this chunk."""
+
+    def score(self, base, samples: list[Sample], w_max: int) -> list[Scores]:
+        return score_chunked(base, self, samples, w_max)
 
 
 @dataclass

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from megacontext.bench.system import ContextSystem, PositionMode, Selection, place
-from megacontext.config import Config, check
+from megacontext.bench.scoring import ContextSystem
+from megacontext.bench.system import PositionMode, Selection, place
+from megacontext.core.config import Config, check
 
 
 @dataclass
 class SinksConfig(Config):
     sinks: int = 4
-    positions: str = "compact"
+    positions: PositionMode = "compact"  # compact (slots 0..T-1, as StreamingLLM) or absolute (stream positions)
     chunk: int = 128
     batch_tokens: int = 65536
 
@@ -56,4 +57,4 @@ class AttentionSinks(ContextSystem):
         return {"name": self.name, **self.cfg.to_dict()}
 
     def select(self, history: Tensor, budget: int) -> Selection:
-        return sink_selection(history, budget, self.cfg.sinks, self.cfg.positions)  # type: ignore[arg-type]
+        return sink_selection(history, budget, self.cfg.sinks, self.cfg.positions)

@@ -1,7 +1,9 @@
 """A benchmark suite: its typed config (``configs/bench_<suite>.yaml``) and the samples it asks for.
 
-Paths default to the developer layout (``../shared``); GPU runs point them at copies under ``carry/``
-(see ``benchmarks/run_suite.sh``). Every task is optional: ``tasks`` lists the ones to run.
+Input paths have no defaults: the suite YAML names them (``configs/bench_smoke.yaml`` reads the developer
+layout ``../shared``; GPU runs point them at copies under ``carry/``, see ``benchmarks/run_suite.sh``), and
+a task whose input is not named is refused when the config is built. Every task is optional: ``tasks``
+lists the ones to run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from dataclasses import dataclass, field
 
 from megacontext.bench.system import Sample
 from megacontext.bench.tasks import TASKS, far_recall_samples, passkey_samples, perplexity_samples, qmsum_samples
-from megacontext.config import Config, check
+from megacontext.core.assets import BASE_MODEL
+from megacontext.core.config import Config, check
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +24,7 @@ _DISTANCES = (4096, 8192, 16384, 32768, 65536, 98304)  # log-spaced, 4k..~100k a
 @dataclass
 class BenchConfig(Config):
     name: str = "custom"
-    base_model: str = "models/base-llama-19m"
+    base_model: str = BASE_MODEL  # a directory, an embedded model name or a hub id
     device: str = "auto"
     dtype: str = "auto"
     w_max: tuple[int, ...] = (1024, 2048)
@@ -31,7 +34,7 @@ class BenchConfig(Config):
     system_options: dict = field(default_factory=dict)  # per system name: its config fields
     tasks: tuple[str, ...] = TASKS
     seed: int = 0
-    books_dir: str = "../shared/data/books/dev"
+    books_dir: str = ""  # directory of held-out .txt books (books_ppl, far_recall, passkey); required by those
     books_max_docs: int | None = None
     ppl_max_tokens: int = 131072
     code_root: str | None = None  # None: this interpreter's standard library
@@ -41,7 +44,7 @@ class BenchConfig(Config):
     far_recall_distances: tuple[int, ...] = _DISTANCES
     passkey_distances: tuple[int, ...] = _DISTANCES
     per_distance: int = 32
-    qmsum_paths: tuple[str, ...] = ("../shared/data/dialogue/qmsum/test",)
+    qmsum_paths: tuple[str, ...] = ()  # QMSum split directories (qmsum task); required by it
     qmsum_max_meetings: int | None = None
     qmsum_max_queries: int | None = None
     position_buckets: tuple[int, ...] = (0, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -61,6 +64,11 @@ class BenchConfig(Config):
               f"position_buckets={self.position_buckets} must be >= 2 strictly increasing edges")
         check(self.per_distance >= 1, f"per_distance={self.per_distance} must be >= 1")
         check(self.n_boot >= 1, f"n_boot={self.n_boot} must be >= 1")
+        book_tasks = sorted(set(self.tasks) & {"books_ppl", "far_recall", "passkey"})
+        check(bool(self.books_dir) or not book_tasks,
+              f"books_dir is empty but tasks {book_tasks} read books: set books_dir (--books-dir DIR or the YAML)")
+        check(bool(self.qmsum_paths) or "qmsum" not in self.tasks,
+              "qmsum_paths is empty but the qmsum task is requested: set qmsum_paths (--qmsum-paths DIR ...)")
 
     def options_for(self, system: str) -> dict:
         """Shared chunk/batch settings overlaid with the system's own options."""

@@ -9,11 +9,12 @@ Two levels, so very different systems plug in:
 - :class:`System.score` is all the harness calls. MegaContext systems (engine-driven streaming NLL with
   recency / LensNet / oracle focus) implement it directly with a thin adapter and register in
   :mod:`megacontext.bench.registry`.
-- :class:`ContextSystem` is for baselines that only choose which tokens the base model reads before a
-  scored chunk. They implement :meth:`ContextSystem.select` (pure: history ids -> a :class:`Selection` of
-  at most ``budget`` ids with position ids) and inherit batched, chunked scoring from
-  :mod:`megacontext.bench.scoring`: a chunk of ``h <= chunk`` targets gets ``budget = w_max - h`` context
-  slots, so every scored token sees between ``w_max - chunk`` and ``w_max - 1`` slots.
+- :class:`~megacontext.bench.scoring.ContextSystem` (in :mod:`megacontext.bench.scoring`, which imports this
+  contract and never the other way round) is for baselines that only choose which tokens the base model
+  reads before a scored chunk. They implement ``select`` (pure: history ids -> a :class:`Selection` of at
+  most ``budget`` ids with position ids) and inherit batched, chunked scoring: a chunk of ``h <= chunk``
+  targets gets ``budget = w_max - h`` context slots, so every scored token sees between ``w_max - chunk``
+  and ``w_max - 1`` slots.
 
 Invariants: NaN NLL marks "not applicable" (e.g. full attention past the native window) and is excluded
 from aggregates; systems never see tokens at or after the chunk start through ``select``.
@@ -106,21 +107,3 @@ class System(ABC):
     @abstractmethod
     def score(self, base, samples: list[Sample], w_max: int) -> list[Scores]:
         """Score every sample's target range with at most ``w_max`` base-model input slots per forward."""
-
-
-class ContextSystem(System):
-    """A system defined by a context selection rule; scoring is chunked and batched by the harness."""
-
-    chunk: int = 128  # targets scored per forward
-    batch_tokens: int = 65536  # input slots per batched forward
-    workers: int = 1  # processes computing selections (only for CPU-heavy, picklable systems)
-
-    @abstractmethod
-    def select(self, history: Tensor, budget: int) -> Selection | None:
-        """Choose at most ``budget`` ids (with positions) from ``history`` [s] (all tokens before the chunk).
-        Return None when the system does not apply to this chunk."""
-
-    def score(self, base, samples: list[Sample], w_max: int) -> list[Scores]:
-        from megacontext.bench.scoring import score_chunked
-
-        return score_chunked(base, self, samples, w_max)

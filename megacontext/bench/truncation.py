@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megacontext.bench.system import ContextSystem, Selection
-from megacontext.config import Config, check
+from megacontext.bench.scoring import ContextSystem
+from megacontext.bench.system import Selection
+from megacontext.core.config import Config, check
 
 
 def recent(history: Tensor, budget: int) -> Selection:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megacontext.core.lod import BLOCK
 from megacontext.data.corpora import Document
 from megacontext.data.tokenization import (
     encode_texts,
@@ -35,7 +36,6 @@ from megacontext.data.tokenization import (
     tokenizer_fingerprint,
     vocab_size,
 )
-from megacontext.spans import BLOCK
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from megacontext.config import Config, check
+from megacontext.core.config import Config, check
+from megacontext.core.lod import BLOCK
 from megacontext.data.token_cache import TokenCache
-from megacontext.spans import BLOCK
 
 log = logging.getLogger(__name__)
 

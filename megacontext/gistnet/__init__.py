@@ -1,1 +1,3 @@
-"""GistNet: the 32 -> 1 compressor, its substitution helpers and its training loop."""
+"""GistNet: the 32 -> 1 compressor (:mod:`.model`, :mod:`.levels`), its objective and training loop
+(:mod:`.objective`, :mod:`.train`, :mod:`.windows`), substitution helpers (:mod:`.substitute`), the tree-facing
+compressor (:mod:`.compressor`) and its evaluation (:mod:`.eval`)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import CheckpointError, read_checkpoint_meta
+from megacontext.core.checkpoint import CheckpointError, read_checkpoint_meta
 from megacontext.gistnet.model import GistNet
 
 

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megacontext.checkpoint import load_checkpoint, save_checkpoint
-from megacontext.config import Config, check
-from megacontext.layers import SwiGLU
-from megacontext.spans import BLOCK, MAX_LEVEL
+from megacontext.core.checkpoint import load_checkpoint, save_checkpoint
+from megacontext.core.config import Config, check
+from megacontext.core.layers import SwiGLU
+from megacontext.core.lod import BLOCK, MAX_LEVEL
 
 if TYPE_CHECKING:
     from megacontext.base import FrozenBase

@@ -2,7 +2,7 @@
 
 A window ``tokens [B, L]`` (L = context C + horizon H) has its oldest ``g`` context blocks replaced by
 their LOD1 gists (or its oldest 1024-token spans by LOD2 gists), each at the centre of its span
-(:func:`megacontext.spans.centre_tensor`); the rest stays raw at its own positions
+(:func:`megacontext.core.lod.centre_tensor`); the rest stays raw at its own positions
 (:func:`megacontext.gistnet.substitute.splice`). The base model is frozen but not wrapped in ``no_grad``,
 so the loss gradients flow through it into GistNet only.
 
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megacontext.base import FrozenBase
-from megacontext.config import Config, check
+from megacontext.core.config import Config, check
+from megacontext.core.lod import BLOCK, span
 from megacontext.gistnet.model import GistNet, unwrap
 from megacontext.gistnet.substitute import splice
-from megacontext.spans import BLOCK, span
 
 
 @dataclass

@@ -4,7 +4,7 @@ A window is ``tokens [B, L]`` (context + horizon). Slots ``[0, raw_start)`` are 
 vectors (gists, pooled baselines, or nothing for the "drop" variant) placed at given position ids,
 and slots ``[raw_start, L)`` stay raw at their own absolute positions. Differentiable in the prefix,
 so GistNet trains through the frozen base. This is the batched special case of a working context
-used by training and evaluation; the general case lives in :mod:`megacontext.working_context`.
+used by training and evaluation; the general case lives in :mod:`megacontext.wc.working_context`.
 """
 
 from __future__ import annotations

@@ -37,12 +37,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from megacontext.base import FrozenBase
-from megacontext.config import Config, check
-from megacontext.distributed import any_rank, init_distributed, rank_device, wrap_ddp
+from megacontext.core.assets import BASE_MODEL
+from megacontext.core.config import Config, check
+from megacontext.core.distributed import any_rank, init_distributed, rank_device, wrap_ddp
+from megacontext.core.lod import span
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.gistnet.objective import ObjectiveConfig, gap_report, hidden_regression_loss, substitution_loss
 from megacontext.gistnet.windows import open_windows
-from megacontext.spans import span
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class GistTrainConfig(Config):
-    base: str = "models/base-llama-19m"  # HF directory or hub id of the frozen base model
+    base: str = BASE_MODEL  # frozen base model: a directory, an embedded model name or a hub id
     data: str = ""  # token cache for training windows; "" = random tokens (smoke runs and tests only)
     val_data: str = ""  # token cache for validation windows; "" = the val split of ``data``
     out: str = "runs/gistnet"

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from megacontext.config import Config, check
+from megacontext.core.config import Config, check
+from megacontext.core.lod import BLOCK
 from megacontext.lensnet.views import (
     DocView,
     actionable,
@@ -37,8 +38,7 @@ from megacontext.lensnet.views import (
     expand_variants,
     sample_tiling,
 )
-from megacontext.spans import BLOCK
-from megacontext.wc_tiling import EntryState, min_cost
+from megacontext.wc.tiling import EntryState, min_cost
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megacontext.config import Config, check
+from megacontext.core.config import Config, check
 
 
 @dataclass
@@ -104,7 +104,7 @@ def lens_loss(scores: Tensor, targets: Tensor, labelled: Tensor, expandable: Ten
     """All terms and their weighted sum under ``"loss"``; every tensor [B, E].
 
     ``mean(sum, count)`` turns each term's (sum, count) into its value; the default divides locally. Data
-    parallel training passes :func:`megacontext.distributed.global_mean`, so every term is normalised by
+    parallel training passes :func:`megacontext.core.distributed.global_mean`, so every term is normalised by
     its count over the whole global batch (labelled entries and pairs differ between ranks)."""
     mean = mean or _local_mean
     reg = mean(*regression_sums(scores, targets, labelled, cfg.huber_delta))

@@ -10,7 +10,7 @@ and targets (ranking quality: the allocator only uses the order), sign agreement
 Resume: ``<out>/last/`` holds the weights (``model.safetensors`` + ``config.json``) and ``trainer.safetensors``
 (AdamW moments, step, RNG state as tensors, no pickle); rerunning the same command continues from it.
 
-Data parallel (``torchrun --nproc_per_node=N``, see :mod:`megacontext.distributed`): ``batch_size`` is
+Data parallel (``torchrun --nproc_per_node=N``, see :mod:`megacontext.core.distributed`): ``batch_size`` is
 contexts per rank, so a step consumes a global batch of ``batch_size * N`` contexts. Every rank draws the
 same seeded global batch of indices and keeps its contiguous slice; LensNet is DDP-wrapped, and the loss
 terms are divided by their counts over the global batch (labelled entries and pairs differ between
@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from megacontext import distributed as D
-from megacontext.config import Config, check
+from megacontext.core import distributed as D
+from megacontext.core.config import Config, check
 from megacontext.lensnet.labels import LabelSet
 from megacontext.lensnet.loss import LensLossConfig, lens_loss
 from megacontext.lensnet.model import LensNet, LensNetConfig

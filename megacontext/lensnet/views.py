@@ -2,7 +2,7 @@
 
 A :class:`DocView` holds one document's token ids and its LOD1/LOD2 gists (computed once with any
 compressor). A working context at history length ``t`` (block-aligned) is a tiling
-(:class:`megacontext.wc_tiling.EntryState`) of ``[0, t)``; the base model reads it as a slot sequence in
+(:class:`megacontext.wc.tiling.EntryState`) of ``[0, t)``; the base model reads it as a slot sequence in
 which an LOD0 block contributes its 32 tokens at their own positions and a gist one vector at the centre of
 its span. A slot is encoded as ``(token id, gist row)`` with ``gist row = -1`` for raw tokens; gist rows
 index ``cat([lod1, lod2])``.
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megacontext.core.lod import BLOCK, centre_tensor, cost_tensor
 from megacontext.gistnet.levels import read_lod1_inputs
-from megacontext.spans import BLOCK, centre_tensor, cost_tensor
-from megacontext.wc_tiling import (
+from megacontext.wc.tiling import (
     EntryState,
     apply_actions,
     collapse_by_recency,

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from megacontext.spans import BLOCK
+from megacontext.core.lod import BLOCK
 
 
 @runtime_checkable

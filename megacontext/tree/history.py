@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from megacontext.spans import BLOCK, MAX_LEVEL, complete_entries
+from megacontext.core.lod import BLOCK, MAX_LEVEL, complete_entries
 from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
 from megacontext.tree.format import DTYPES, GIST_DTYPES
 

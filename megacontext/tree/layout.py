@@ -16,7 +16,7 @@ import os
 import zlib
 from pathlib import Path
 
-from megacontext.spans import BLOCK
+from megacontext.core.lod import BLOCK
 from megacontext.tree.compressor import Compressor
 from megacontext.tree.format import TreeFormatError
 from megacontext.tree.level_file import LevelFile, fsync_dir

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from megacontext.config import Config, check
-from megacontext.spans import BLOCK, complete_entries
+from megacontext.core.config import Config, check
+from megacontext.core.lod import BLOCK, complete_entries
 from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
 from megacontext.tree.format import GIST_DTYPES, TOKEN_DTYPE, Header, TreeFormatError
 from megacontext.tree.history import check_gist_level, check_indices, check_level, check_range, gist_torch_dtype

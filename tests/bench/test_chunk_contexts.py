@@ -8,10 +8,10 @@ import torch
 from megacontext.bench.chunk_contexts import BatchedLens, ChunkBuild, PrefixHistory, build_wave
 from megacontext.bench.system import Sample
 from megacontext.focus import FocusState, RecencyFocus
+from megacontext.focus.lens import LensPolicy
 from megacontext.lensnet.model import LensNet, LensNetConfig
-from megacontext.lensnet.policy import LensPolicy
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor
-from megacontext.working_context import WorkingContext, WorkingContextConfig
+from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_run_aggregate_and_report(tiny_base, tmp_path):
     assert all(c["flops_per_token"] > 0 for c in result.cost if c["scored_tokens"])
     assert any(c["system"] == "full" and c["scored_tokens"] == 0 for c in result.cost)  # far recall > window
     meta = {"command": "test", "commit": "x", "machine": "CPU", "base_model": "tiny", "base_fingerprint": "f",
-            "dtype": "float32", "config": BenchConfig(name="unit").to_dict()}
+            "dtype": "float32", "config": BenchConfig(name="unit", books_dir="books", qmsum_paths=("qmsum",)).to_dict()}
     files = write_report(result, meta, tmp_path)
     names = {f.name for f in files}
     assert {"results.json", "results.md", "nll_vs_budget.png", "far_recall_nll_vs_distance.png"} <= names

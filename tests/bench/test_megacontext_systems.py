@@ -11,13 +11,13 @@ from megacontext.bench.registry import SystemUnavailable, build_system
 from megacontext.bench.scoring import chunk_bounds, score_chunked
 from megacontext.bench.tasks import TokenDoc, far_recall_samples, passkey_samples, perplexity_samples
 from megacontext.bench.truncation import FullAttention, Truncation, WindowConfig
-from megacontext.engine import Engine, EngineConfig
+from megacontext.core.lod import BLOCK
 from megacontext.focus import RecencyFocus
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.lensnet.model import LensNet, LensNetConfig
-from megacontext.spans import BLOCK
+from megacontext.runtime.engine import Engine, EngineConfig
 from megacontext.tree import MeanPoolCompressor
-from megacontext.working_context import WorkingContextConfig
+from megacontext.wc.working_context import WorkingContextConfig
 
 NAMES = ("megacontext-recency", "megacontext-lensnet", "megacontext-lexical", "meanpool-recency",
          "megacontext-rawfirst", "megacontext-lensnet-rawfirst")

@@ -9,11 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from megacontext.core.lod import BLOCK
 from megacontext.data.corpora import Document, read_book_parts, read_python_sources, read_text_documents
 from megacontext.data.qmsum import read_qmsum
 from megacontext.data.token_cache import TokenCache, TokenCacheError
 from megacontext.data.tokenization import token_dtype
-from megacontext.spans import BLOCK
 
 
 def _docs(corpus, skipped=None):

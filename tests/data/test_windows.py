@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.config import ConfigError
+from megacontext.core.config import ConfigError
+from megacontext.core.lod import BLOCK
 from megacontext.data.token_cache import TokenCache
 from megacontext.data.windows import WindowConfig, WindowSampler, doc_split
-from megacontext.spans import BLOCK
 
 
 def synthetic_cache(lengths, domains=None) -> TokenCache:

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacontext.base import FrozenBase
-from megacontext.config import ConfigError
-from megacontext.eval.gist import compress as eval_compress
+from megacontext.core.config import ConfigError
 from megacontext.gistnet.compressor import GistCompressor
+from megacontext.gistnet.eval.substitution import compress as eval_compress
 from megacontext.gistnet.model import GistNet, GistNetConfig, unwrap
 from megacontext.gistnet.objective import ObjectiveConfig, make_prefix, substitution_loss
 from megacontext.lensnet.views import DocView

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import CheckpointError
+from megacontext.core.checkpoint import CheckpointError
 from megacontext.gistnet.compressor import GistCompressor
 from megacontext.gistnet.levels import TwoLevelGist, level2_mode, load_lod2
 from megacontext.gistnet.model import GistNet, GistNetConfig

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import CheckpointError
-from megacontext.config import ConfigError
+from megacontext.core.checkpoint import CheckpointError
+from megacontext.core.config import ConfigError
 from megacontext.gistnet.compressor import GistCompressor
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from tests.conftest import tiny_llama

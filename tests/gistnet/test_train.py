@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import CheckpointError
-from megacontext.config import ConfigError
+from megacontext.core.checkpoint import CheckpointError
+from megacontext.core.config import ConfigError
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.gistnet.objective import (
     ObjectiveConfig,
@@ -159,7 +159,7 @@ def test_checkpoint_of_other_base_is_refused(base, tmp_path):
 
 def test_cli_builds_config_from_yaml_and_flags(tmp_path):
     from megacontext.cli import build_parser
-    from megacontext.config import config_from_args
+    from megacontext.core.config import config_from_args
 
     y = tmp_path / "g.yaml"
     y.write_text("context: 256\nmodel:\n  layers: 1\nobjective:\n  dense: nll\n")

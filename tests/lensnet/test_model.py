@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.checkpoint import CheckpointError
+from megacontext.core.checkpoint import CheckpointError
 from megacontext.lensnet.model import LensNet, LensNetConfig, age_encoding
 
 

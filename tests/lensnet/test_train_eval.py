@@ -5,13 +5,13 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from megacontext.lensnet.focus_eval import FocusEvalConfig, end_to_end, evidence_raw_fraction
+from megacontext.focus.evaluation import FocusEvalConfig, end_to_end, evidence_raw_fraction
+from megacontext.focus.lens import LensPolicy
 from megacontext.lensnet.labels import META, LabelSet
 from megacontext.lensnet.model import LensNet, LensNetConfig
-from megacontext.lensnet.policy import LensPolicy
 from megacontext.lensnet.train import LensTrainConfig, spearman_per_context, train_lensnet
 from megacontext.tree.compressor import MeanPoolCompressor
-from megacontext.working_context import WorkingContext, WorkingContextConfig
+from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
 
 
 def _planted_labels(path, base, n_ctx=24, e=12, seed=0):

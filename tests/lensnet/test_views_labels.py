@@ -15,8 +15,8 @@ from megacontext.lensnet.views import (
     sample_tiling,
 )
 from megacontext.tree.compressor import MeanPoolCompressor
-from megacontext.wc_materialize import materialize_tiling
-from megacontext.wc_tiling import apply_actions, check_tiling
+from megacontext.wc.materialize import materialize_tiling
+from megacontext.wc.tiling import apply_actions, check_tiling
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megacontext import spans
+from megacontext.core import lod as spans
 from megacontext.tree import (
     HistorySource,
     InMemoryHistory,

@@ -1,0 +1,7 @@
+"""``python -m megacontext`` = the ``megacontext`` command."""
+
+import sys
+
+from megacontext.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""MegaContext: unbounded memory for a frozen causal LM at a fixed working-window cost.
+
+The ``megacontext`` command (also ``python -m megacontext``): the root parser and ``main``. Each entry of
+:data:`COMMANDS` names a module of this package exposing ``register(subparsers)``; a registered parser
+sets ``func(args) -> int``. Grouped commands (``data prepare``, ``train gistnet``, ``eval gist``) register
+into their group's sub-parsers. Command modules are imported only when the CLI is built, and nothing in
+the library imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from megacontext import __version__
+
+# (group or "" for top level, module with register(subparsers)); help lists them in this order
+COMMANDS: list[tuple[str, str]] = [
+    ("data", "megacontext.cli.data"),
+    ("train", "megacontext.cli.train"),
+    ("eval", "megacontext.cli.eval"),
+    ("", "megacontext.cli.demo"),
+    ("", "megacontext.cli.runtime"),
+    ("", "megacontext.cli.bench"),
+]
+
+GROUPS = {
+    "data": "prepare corpora into token caches",
+    "train": "train GistNet / LensNet",
+    "eval": "evaluate gists and focus",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megacontext", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"megacontext {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups = {}
+    for name, helptext in GROUPS.items():
+        if any(g == name for g, _ in COMMANDS):
+            gp = top.add_parser(name, help=helptext, description=helptext)
+            groups[name] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    for group, module in COMMANDS:
+        importlib.import_module(module).register(groups[group] if group else top)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        if args.verbose:
+            raise
+        print(f"megacontext: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,68 @@
+"""LensPolicy: LensNet behind the engine's focus-policy protocol ``scores(wc, state) -> Tensor [E]``.
+
+The policy reads the WC's entries from the history source (``tokens(start, end)`` once per run of adjacent
+raw blocks, ``gather_gists`` for gists, so the read cost never depends on how far apart entries lie), builds
+exactly the features LensNet was trained on (see :mod:`megacontext.lensnet.views`: gist vectors, or an
+LOD0 block's mean token embedding rescaled to the base's mean embedding norm; ages from the entry centre
+to the end of the history) and a tail of the most recent ``tail_tokens`` tokens — or the prompt/query
+when the state carries one, so a question steers the focus.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megacontext.core.lod import BLOCK, centre_tensor
+from megacontext.focus.policy import FocusState
+from megacontext.lensnet.model import LensNet
+from megacontext.tree.history import gather_by_runs
+
+
+def entry_vectors_from_source(base, source, levels: Tensor, indices: Tensor) -> Tensor:
+    """[E, d] float32 entry features read through a HistorySource (vectorised per level)."""
+    d = base.d_model
+    out = torch.zeros(levels.shape[0], d, device=base.device)
+    raw = levels == 0
+    if bool(raw.any()):
+        # one tokens() read per run of adjacent raw blocks: cost follows the raw entries, not their spread
+        blocks = gather_by_runs(lambda s, e: source.tokens(s * BLOCK, e * BLOCK).reshape(-1, BLOCK),
+                                indices[raw].cpu().long())  # [n0, 32]
+        mean = base.embed(blocks.to(base.device)).float().mean(1)  # [n0, d]
+        out[raw.to(base.device)] = mean * (base.embed_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    for level in (1, 2):
+        m = levels == level
+        if bool(m.any()):
+            out[m.to(base.device)] = source.gather_gists(level, indices[m]).float().to(base.device)
+    return out
+
+
+class LensPolicy:
+    """Scores from a trained LensNet (positive = expand, negative = collapse, in the allocator's units)."""
+
+    name = "lensnet"
+
+    def __init__(self, net: LensNet, base, tail_tokens: int | None = None):
+        self.net, self.base = net.eval(), base
+        self.tail_tokens = tail_tokens or net.cfg.tail_tokens
+        self.query_tokens = self.tail_tokens  # the engine's streaming query is exactly the tail LensNet reads
+
+    @classmethod
+    def load(cls, directory, base) -> LensPolicy:
+        net, _ = LensNet.load(directory, base)
+        return cls(net, base)
+
+    @torch.no_grad()
+    def score_entries(self, source, num_tokens: int, levels: Tensor, indices: Tensor,
+                      query: Tensor | None = None) -> Tensor:
+        vec = entry_vectors_from_source(self.base, source, levels, indices)  # [E, d]
+        ages = (num_tokens - centre_tensor(levels, indices)).float()
+        if query is None or query.numel() == 0:
+            query = source.tokens(max(num_tokens - self.tail_tokens, 0), num_tokens)
+        tail = self.base.embed(query[-self.tail_tokens:].to(self.base.device)).float()  # [T, d]
+        mask = torch.ones(1, levels.shape[0], dtype=torch.bool, device=vec.device)
+        return self.net(vec[None], levels[None], ages[None], mask, tail[None])[0].to(levels.device)  # [E]
+
+    def scores(self, wc, state: FocusState) -> Tensor:
+        """FocusPolicy protocol; an empty ``state.query`` means "the most recent ``tail_tokens`` tokens"."""
+        return self.score_entries(state.source, state.num_tokens, wc.levels, wc.indices, state.query)

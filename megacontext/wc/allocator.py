@@ -1,0 +1,172 @@
+"""Focus Allocator: turn one signed score per working-context entry into legal, budgeted actions.
+
+Scores: positive = the entry wants more detail (expand), negative = it can lose detail (collapse).
+
+Policy (greedy by priority, pure tensor code, one host sync for the rebuild):
+- Expansion candidates: gists (LOD1/LOD2) with ``score > tau_expand``, best first.
+- Collapse candidates: unprotected LOD0 blocks (score = their own) and complete runs of 32 LOD1 siblings
+  (score = mean of the run), worst first. A member's expansion is dropped when its run is collapsed, which
+  only frees budget, so the step stays legal.
+  Collapses with ``score < -tau_collapse`` are *voluntary*; weaker ones are only used to *pay* for an
+  expansion, and only when the expansion's score beats theirs by ``swap_margin``.
+- Every action moves the cost by exactly 31 slots, so the j-th expansion needs ``max(0, j - free)``
+  paying collapses, where ``free = (w_max - cost) // 31``. Because expansions are sorted descending and
+  collapses ascending, the feasible expansions form a prefix: their count is a cumulative product.
+- At most ``n_diff`` actions per step; expansions (with the collapses that pay for them) come first,
+  the remaining allowance goes to voluntary collapses. The budget therefore holds after every step.
+- Cooldown: an entry made by an expansion may not be collapsed, and one made by a collapse may not be
+  expanded, until ``cooldown`` steps have passed. This stops flip-flop on alternating scores while still
+  letting a freshly expanded region zoom in further.
+- Protected recent blocks are LOD0 and never collapse candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megacontext.core.config import Config, check
+from megacontext.core.lod import BLOCK, cost_tensor
+from megacontext.wc.tiling import (
+    ACTION_COST,
+    COLLAPSED,
+    EXPANDED,
+    EntryState,
+    apply_actions,
+    changed_blocks,
+    group_members,
+    sibling_runs,
+    windowed_sum,
+)
+
+
+@dataclass
+class AllocatorConfig(Config):
+    tau_expand: float = 0.1  # expand only when score > tau_expand
+    tau_collapse: float = 0.1  # voluntary collapse when score < -tau_collapse
+    swap_margin: float = 0.2  # a paying collapse needs score < (score of the expansion it pays for) - margin
+    n_diff: int = 32  # most actions (expansions + collapses) per step
+    cooldown: int = 4  # steps before an entry's last change may be reversed
+
+    def __post_init__(self):
+        check(self.tau_expand >= 0, f"tau_expand={self.tau_expand} must be >= 0")
+        check(self.tau_collapse >= 0, f"tau_collapse={self.tau_collapse} must be >= 0")
+        check(self.swap_margin >= 0, f"swap_margin={self.swap_margin} must be >= 0")
+        check(self.n_diff >= 0, f"n_diff={self.n_diff} must be >= 0")
+        check(self.cooldown >= 0, f"cooldown={self.cooldown} must be >= 0")
+
+
+@dataclass
+class StepTelemetry:
+    """What one allocator step did. Tensor fields are 0-dim and stay on the device (no sync);
+    :meth:`as_dict` converts them for logging."""
+
+    expand: Tensor  # [E_before] bool: entries expanded this step
+    collapse: Tensor  # [E_before] bool: LOD0 blocks collapsed, or first entries of merged LOD1 runs
+    levels_before: Tensor  # [E_before]
+    indices_before: Tensor  # [E_before]
+    n_expand: Tensor
+    n_collapse: Tensor
+    swap_rate: Tensor  # changed 32-token blocks / complete blocks
+    utilisation: Tensor  # cost after the step / w_max
+    residency_changed: Tensor  # mean steps the changed entries had spent at their level (nan if none)
+    residency_by_level: Tensor  # [3] mean age of entries at LOD0/1/2 after the step (nan where absent)
+
+    def actions(self) -> list[tuple[str, int, int]]:
+        """(kind, level, index) of every action, in time order (syncs; for logs and tests)."""
+        acts = []
+        for e in (self.expand | self.collapse).nonzero().flatten().tolist():
+            kind = "expand" if bool(self.expand[e]) else "collapse"
+            acts.append((kind, int(self.levels_before[e]), int(self.indices_before[e])))
+        return acts
+
+    def as_dict(self) -> dict[str, float | list[float]]:
+        return {
+            "n_expand": int(self.n_expand), "n_collapse": int(self.n_collapse),
+            "swap_rate": float(self.swap_rate), "utilisation": float(self.utilisation),
+            "residency_changed": float(self.residency_changed),
+            "residency_by_level": [float(v) for v in self.residency_by_level],
+        }
+
+
+def _first_k(order: Tensor, k: Tensor) -> Tensor:
+    """Bool mask [E] selecting the entries at the first k positions of permutation ``order``."""
+    mask = torch.zeros(order.shape[0], dtype=torch.bool, device=order.device)
+    return mask.scatter(0, order, torch.arange(order.shape[0], device=order.device) < k)
+
+
+def choose_actions(scores: Tensor, state: EntryState, *, w_max: int, tail_cost: int, protected_from: int,
+                   step: int, cfg: AllocatorConfig) -> tuple[Tensor, Tensor]:
+    """Pure decision: scores [E] -> (expand [E] bool, collapse [E] bool), legal and within budget.
+
+    ``protected_from`` is the first protected block; ``tail_cost`` the raw tail length. No host sync."""
+    lv, ix = state.levels, state.indices
+    n = lv.shape[0]
+    dev = lv.device
+    scores = torch.nan_to_num(scores.to(device=dev, dtype=torch.float32), nan=0.0)  # [E]
+    age = step - state.born
+    may_expand = ~((state.origin == COLLAPSED) & (age < cfg.cooldown))
+    may_collapse = ~((state.origin == EXPANDED) & (age < cfg.cooldown))
+
+    want_expand = (lv > 0) & may_expand & (scores > cfg.tau_expand)  # [E]
+    solo = (lv == 0) & (ix < protected_from) & may_collapse
+    runs = sibling_runs(lv, ix, protected_from)
+    run_ok = windowed_sum(may_collapse.long()) == BLOCK
+    run_score = windowed_sum(scores) / BLOCK  # mean over the run starting here
+    can_collapse = solo | (runs & run_ok)
+    col_score = torch.where(lv == 0, scores, run_score)
+
+    inf = torch.tensor(float("inf"), device=dev)
+    x_sorted, x_order = torch.sort(torch.where(want_expand, scores, -inf), descending=True)
+    c_sorted, c_order = torch.sort(torch.where(can_collapse, col_score, inf))
+    n_x, n_c = want_expand.sum(), can_collapse.sum()
+    n_vol = (can_collapse & (col_score < -cfg.tau_collapse)).sum()
+
+    cost_now = cost_tensor(lv).sum() + tail_cost
+    free = torch.div(w_max - cost_now, ACTION_COST, rounding_mode="floor").clamp(min=0)
+    j = torch.arange(1, n + 1, device=dev)  # j-th best expansion
+    need = (j - free).clamp(min=0)  # paying collapses needed for the first j expansions
+    payer = c_sorted[(need - 1).clamp(min=0, max=max(n - 1, 0))] if n else c_sorted
+    paid = (need <= n_vol) | (payer < x_sorted - cfg.swap_margin)
+    feasible = (j <= n_x) & (need <= n_c) & paid & (j + need <= cfg.n_diff)
+    m = torch.cumprod(feasible.long(), 0).sum()  # feasible expansions form a prefix
+    need_m = (m - free).clamp(min=0)
+    k = torch.maximum(need_m, torch.minimum(n_vol, cfg.n_diff - m))
+    expand, collapse = _first_k(x_order, m), _first_k(c_order, k)
+    # a run that collapses outvotes its members' expansion wishes; dropping expansions only frees budget
+    expand = expand & ~group_members(collapse & (lv == 1))
+    return expand, collapse
+
+
+def allocate(scores: Tensor, state: EntryState, *, w_max: int, tail_cost: int, protected_from: int,
+             step: int, cfg: AllocatorConfig) -> tuple[EntryState, StepTelemetry]:
+    """One focus step: decide, apply atomically, report. Returns (new state, telemetry).
+
+    The input must already fit ``w_max`` (the WC guarantees it); an over-budget input is never made
+    worse, since with no free slots every expansion is paid for by a collapse."""
+    if scores.shape != state.levels.shape:
+        raise ValueError(f"scores must have shape [E]={tuple(state.levels.shape)} (one per entry), "
+                         f"got {tuple(scores.shape)}")
+    lv = state.levels
+    cost_before = cost_tensor(lv).sum() + tail_cost
+    expand, collapse = choose_actions(scores, state, w_max=w_max, tail_cost=tail_cost,
+                                      protected_from=protected_from, step=step, cfg=cfg)
+    n_expand, n_collapse = expand.sum(), collapse.sum()
+    new = apply_actions(state, expand, collapse, step)
+
+    changed = expand | collapse
+    age = (step - state.born).float()
+    residency_changed = (age * changed).sum() / changed.sum()  # nan when nothing changed, by design
+    new_age = (step - new.born).float()
+    onehot = torch.nn.functional.one_hot(new.levels, 3).float()  # [E', 3]
+    per_level = (new_age[:, None] * onehot).sum(0) / onehot.sum(0)  # nan for absent levels
+    blocks = torch.where(lv == 2, BLOCK, 1).sum().clamp(min=1)
+    cost_after = cost_before + ACTION_COST * (n_expand - n_collapse)
+    tel = StepTelemetry(
+        expand=expand, collapse=collapse, levels_before=lv, indices_before=state.indices,
+        n_expand=n_expand, n_collapse=n_collapse, swap_rate=changed_blocks(lv, expand, collapse) / blocks,
+        utilisation=cost_after / w_max, residency_changed=residency_changed, residency_by_level=per_level,
+    )
+    return new, tel

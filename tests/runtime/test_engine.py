@@ -1,0 +1,159 @@
+"""Engine: score parity with the plain base model, invariants over a long stream, KV-cache reuse parity,
+focus policies and telemetry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacontext.base import FrozenBase
+from megacontext.runtime.engine import Engine, EngineConfig, common_prefix
+from megacontext.runtime.sampling import SamplingConfig
+from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
+from megacontext.wc.working_context import WorkingContextConfig, check_invariants
+from tests.conftest import tiny_llama
+
+
+def _engine(base, tmp_path, w_max=4096, recent_raw=64, **kw) -> Engine:
+    tree = MegaContextTree.create(tmp_path / "store", base.d_model, base.fingerprint,
+                                  MeanPoolCompressor.from_base(base), config=TreeConfig(durable=False))
+    cfg = EngineConfig(wc=WorkingContextConfig(w_max=w_max, recent_raw=recent_raw), **kw)
+    return Engine(base, tree, cfg)
+
+
+def test_score_parity_with_plain_base(tiny_base, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (200,))
+    eng = _engine(tiny_base, tmp_path, debug=True)
+    res = eng.score(ids)
+    with torch.no_grad():
+        logits = tiny_base.forward(tiny_base.embed(ids)[None], torch.arange(200)).logits[0].float()
+    ref = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
+    assert res.nll[0].isnan() and res.nll.shape == (200,)
+    torch.testing.assert_close(res.nll[1:], ref, atol=1e-4, rtol=1e-4)
+    # a second call continues the stream: its first token is now predicted from the memory
+    more = torch.randint(1, 128, (40,))
+    res2 = eng.score(more)
+    full = torch.cat([ids, more])
+    with torch.no_grad():
+        logits = tiny_base.forward(tiny_base.embed(full)[None], torch.arange(240)).logits[0].float()
+    ref2 = torch.nn.functional.cross_entropy(logits[199:-1], more, reduction="none")
+    torch.testing.assert_close(res2.nll, ref2, atol=1e-4, rtol=1e-4)
+
+
+def test_long_stream_keeps_invariants_and_budget(tiny_base, tmp_path):
+    torch.manual_seed(1)
+    eng = _engine(tiny_base, tmp_path, w_max=160, recent_raw=64, focus="lexical", debug=True)
+    eng.ingest(torch.randint(1, 128, (2300,)))
+    res = eng.score(torch.randint(1, 128, (100,)))
+    check_invariants(eng.wc)
+    assert eng.wc.cost <= 160 and (eng.wc.levels == 2).any()  # the old history reached LOD2
+    assert torch.isfinite(res.nll).all()
+    recs = eng.telemetry.records
+    assert len(recs) == 2400 // 32 and all(r.wc_cost <= r.w_max for r in recs)
+    assert sum(r.collapses for r in recs) > 0
+    assert len(recs[-1].lod_map) == recs[-1].num_tokens // 32 == 2400 // 32
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_cache_reuse_matches_full_reread(tmp_path, temperature):
+    base = FrozenBase(tiny_llama(seed=3), name="tiny")
+    torch.manual_seed(2)
+    hist, prompt = torch.randint(1, 128, (700,)), torch.randint(1, 128, (20,))
+    outs, stats = [], []
+    for reuse in (True, False):
+        eng = _engine(base, tmp_path / str(reuse), w_max=160, recent_raw=64, focus="lexical", cache_reuse=reuse,
+                      debug=True)
+        eng.ingest(hist)
+        outs.append(list(eng.generate(prompt, SamplingConfig(max_new_tokens=40, temperature=temperature, seed=5))))
+        stats.append(dict(eng.read_stats))
+        check_invariants(eng.wc)
+    assert outs[0] == outs[1] and len(outs[0]) == 40
+    assert stats[0]["slots_reused"] > 0 and stats[0]["slots_read"] < stats[1]["slots_read"] / 4
+    assert stats[1]["slots_reused"] == 0
+
+
+def test_generate_stops_on_stop_token(tiny_base, tmp_path):
+    eng = _engine(tiny_base, tmp_path)
+    eng.ingest(torch.arange(1, 50))
+    first = list(eng.generate(torch.tensor([5, 6]), SamplingConfig(max_new_tokens=5)))
+    eng2 = _engine(tiny_base, tmp_path / "b")
+    eng2.ingest(torch.arange(1, 50))
+    stopped = list(eng2.generate(torch.tensor([5, 6]), SamplingConfig(max_new_tokens=5, stop_tokens=(first[0],))))
+    assert stopped == first[:1]
+
+
+def test_peek_does_not_change_memory(tiny_base, tmp_path):
+    eng = _engine(tiny_base, tmp_path)
+    ids = torch.randint(1, 128, (100,))
+    eng.ingest(ids[:90])
+    n, levels = eng.num_tokens, eng.wc.levels.clone()
+    peek = eng.peek_nll(ids[90:])
+    assert eng.num_tokens == n and torch.equal(levels, eng.wc.levels)
+    torch.testing.assert_close(peek, eng.score(ids[90:]).nll, atol=1e-4, rtol=1e-4)
+
+
+def test_common_prefix():
+    a = torch.tensor([1, 2, 3, 4])
+    assert common_prefix(a, torch.tensor([1, 2, 9])) == 2
+    assert common_prefix(a, a[:2]) == 2 and common_prefix(a, torch.tensor([7])) == 0
+
+
+def test_engine_config_validates():
+    with pytest.raises(ValueError, match="recent_raw=32 must be >= k=64"):
+        EngineConfig(wc=WorkingContextConfig(w_max=256, recent_raw=32), k=64)
+    with pytest.raises(ValueError, match="k=0"):
+        EngineConfig(k=0)
+    with pytest.raises(ValueError, match="focus='bogus'"):
+        EngineConfig(focus="bogus")
+
+
+class _QueryProbe:
+    """A policy that records the query the engine hands it (its typed ``query_tokens`` decides the length)."""
+
+    name = "probe"
+
+    def __init__(self, query_tokens: int):
+        self.query_tokens, self.seen = query_tokens, []
+
+    def scores(self, wc, state):
+        self.seen.append(state.query.clone())
+        return None
+
+
+@pytest.mark.parametrize("q", [0, 5, 40])
+def test_streaming_query_follows_the_policys_query_tokens(tiny_base, tmp_path, q):
+    eng = _engine(tiny_base, tmp_path, w_max=512, recent_raw=64)
+    eng.policy = probe = _QueryProbe(q)
+    ids = torch.randint(1, 100, (96,))
+    eng.ingest(ids)
+    assert len(probe.seen) == 3  # one refocus per k=32 tokens
+    assert torch.equal(probe.seen[-1], ids[len(ids) - q:] if q else ids[:0])
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.integers(1, 90), min_size=1, max_size=6), st.sampled_from([128, 160, 200]),
+       st.sampled_from(["recency", "lexical"]))
+def test_stream_is_independent_of_call_chunking(cuts, w_max, focus):
+    """score() over a stream split into arbitrary calls == one call; invariants hold at every step."""
+    import tempfile
+
+    from megacontext.base import FrozenBase
+
+    base = FrozenBase(tiny_llama(), name="tiny")
+    torch.manual_seed(sum(cuts))
+    ids = torch.randint(1, 128, (sum(cuts) + 300,))
+    runs = []
+    for pieces in ([ids], list(torch.split(ids, [*cuts, 300]))):
+        with tempfile.TemporaryDirectory() as d:
+            eng = _engine(base, Path(d), w_max=w_max, recent_raw=64, focus=focus, debug=True)
+            nll = torch.cat([eng.score(p).nll for p in pieces])
+            runs.append((nll, eng.wc.levels.clone(), eng.wc.indices.clone(), len(eng.telemetry.records)))
+            assert all(r.wc_cost <= w_max for r in eng.telemetry.records)
+    (a, la, ia, na), (b, lb, ib, nb) = runs
+    torch.testing.assert_close(a, b, equal_nan=True, atol=1e-4, rtol=1e-4)
+    assert torch.equal(la, lb) and torch.equal(ia, ib) and na == nb == ids.numel() // 32
