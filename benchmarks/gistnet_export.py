@@ -1,6 +1,6 @@
-"""Ship a GistNet training checkpoint as a bf16 copy (half the bytes; what ``models/`` holds).
+"""Ship a GistNet training checkpoint as a bf16 copy (half the bytes; what ``megacontext/assets/models/`` holds).
 
-    python benchmarks/gistnet_export.py RUN_DIR OUT_DIR [--base models/base-llama-19m]
+    python benchmarks/gistnet_export.py RUN_DIR OUT_DIR [--base base-llama-19m]
 
 Keeps the checkpoint's ``step``, ``train_config``, ``levels`` and ``lod1_weights_hash`` metadata; the stored
 ``weights_hash`` is that of the bf16 weights (what loading reproduces).
@@ -21,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src")
     ap.add_argument("dst")
-    ap.add_argument("--base", default="models/base-llama-19m")
+    ap.add_argument("--base", default="base-llama-19m")
     args = ap.parse_args()
     base = FrozenBase.load(args.base, device="cpu")
     meta = read_checkpoint_meta(args.src)

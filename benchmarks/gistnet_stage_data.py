@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from megacontext.core.assets import resolve
 from megacontext.data.corpora import Document, read_book_parts, read_text_documents
 from megacontext.data.token_cache import TokenCache
 
@@ -36,14 +37,14 @@ def capped(docs: Iterable[Document], max_chars: int) -> Iterator[Document]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--books", default=str(SHARED), help="folder with train_0*.txt.xz and dev/")
-    ap.add_argument("--tokenizer", default="models/base-llama-19m")
+    ap.add_argument("--tokenizer", default="base-llama-19m")
     ap.add_argument("--out", default="carry/tokens")
     ap.add_argument("--train-chars", type=int, default=26_500_000)  # ~7.1M tokens at ~3.7 chars/token
     ap.add_argument("--dev-chars", type=int, default=4_000_000)
     ap.add_argument("--dev-every", type=int, default=4, help="take every k-th dev book (sorted by name)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok = AutoTokenizer.from_pretrained(resolve(args.tokenizer))
     books = Path(args.books)
     parts = [read_book_parts([books / f"train_0{i}.txt.xz"]) for i in (0, 1)]
     interleaved = (d for pair in itertools.zip_longest(*parts) for d in pair if d is not None)

@@ -19,7 +19,7 @@ for spec in "$@"; do
   flags=${spec#*=}
   names+=("$name")
   # shellcheck disable=SC2086  # flags are meant to split
-  $py -m megacontext.cli train gistnet --config configs/gistnet.yaml --out "$runs/$name" $flags \
+  $py -m megacontext train gistnet --config configs/gistnet.yaml --out "$runs/$name" $flags \
     > "$runs/$name.log" 2>&1 &
   pids+=($!)
 done

@@ -9,7 +9,7 @@
 #                                           # in one invocation (one report), chunk = K = 32 for every system so all
 #                                           # read the same budget; reduced sizes (8 per distance, 8 meetings) so it
 #                                           # stays well under 10 min (estimate ~4 min on one H100). Needs
-#                                           # models/gistnet-19m and models/lensnet-19m (tracked in the repo).
+#                                           # the embedded gistnet-19m and lensnet-19m (shipped in the package).
 #     bash benchmarks/run_suite.sh ppl_mc   # books_ppl + code_ppl: MegaContext systems + full/truncation/sinks/bm25
 #                                           # in one invocation, chunk 128 for every system (estimate below)
 #     bash benchmarks/run_suite.sh lingua_small  # far_recall + passkey: llmlingua at few probes, with matched
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small|rawfirst|oracle}
 out_root=${OUT:-docs/results}
 py=${PYTHON:-python}
-bench=("$py" -m megacontext.cli bench --suite full)
+bench=("$py" -m megacontext bench --suite full)
 # Reduced sizes shared by the MegaContext comparisons, so every report of a kind scores the same samples.
 ppl_small=(--tasks books_ppl code_ppl --chunk 128 --books-max-docs 8 --ppl-max-tokens 32768
            --probe-docs-max-tokens 32768 --code-max-docs 8 --position-buckets 0 256 1024 2048 4096 8192 16384 32768)
@@ -34,13 +34,13 @@ case "$part" in
     cp -r ../shared/data/dialogue/qmsum/test carry/bench/qmsum_test
     du -sh carry/bench ;;
   ppl)
-    $py -m megacontext.cli bench --suite full --tasks books_ppl code_ppl \
+    $py -m megacontext bench --suite full --tasks books_ppl code_ppl \
       --systems full truncation sinks sinks-absolute bm25 --out-dir "$out_root/bench_full_ppl" ;;
   probes)
-    $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum \
+    $py -m megacontext bench --suite full --tasks far_recall passkey qmsum \
       --systems full truncation sinks sinks-absolute bm25 --out-dir "$out_root/bench_full_probes" ;;
   lingua)
-    $py -m megacontext.cli bench --suite full --tasks far_recall passkey qmsum --per-distance 4 \
+    $py -m megacontext bench --suite full --tasks far_recall passkey qmsum --per-distance 4 \
       --qmsum-max-meetings 8 --systems llmlingua --out-dir "$out_root/bench_full_lingua" ;;
   mc)
     "${bench[@]}" --tasks far_recall passkey qmsum "${probes_small[@]}" --systems truncation sinks bm25 \
@@ -76,7 +76,7 @@ case "$part" in
     # megacontext-lensnet at the same chunk) -> ~5 min (< 6 min). If it runs long, --w-max 1024 halves the
     # LLMLingua part. QMSum is left out: its ~10k-token transcripts with multi-chunk answers cost ~100 s per
     # budget for 8 meetings, and 1-2 meetings would say nothing.
-    $py -m megacontext.cli bench --suite full --tasks far_recall passkey --chunk 256 --per-distance 2 \
+    $py -m megacontext bench --suite full --tasks far_recall passkey --chunk 256 --per-distance 2 \
       --systems llmlingua truncation bm25 megacontext-lensnet --out-dir "$out_root/bench_full_lingua_small" ;;
   rawfirst)
     # The raw-first starting tiling (WorkingContextConfig.recency="raw_first": longest raw suffix, everything
@@ -89,7 +89,7 @@ case "$part" in
       megacontext-recency megacontext-rawfirst \
       megacontext-lensnet megacontext-lensnet-rawfirst --out-dir "$out_root/bench_full_mc_rawfirst" ;;
   oracle)
-    # Evidence-oracle focus (bench/evidence_focus.py: expands exactly the gists covering the probe's evidence,
+    # Evidence-oracle focus (megacontext/focus/oracles.py: expands exactly the gists covering the probe's evidence,
     # same allocator and rounds) as the upper bound for the learned policy, on the mc probe sizes. ~2 min.
     "${bench[@]}" --tasks far_recall passkey "${probes_small[@]}" --systems truncation bm25 megacontext-recency \
       megacontext-lensnet megacontext-oracle megacontext-rawfirst \

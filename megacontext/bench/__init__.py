@@ -12,5 +12,5 @@ Layout (one concept per module):
 - :mod:`.registry` — name -> system factory; the registration point for MegaContext systems;
 - :mod:`.tasks` (pure generators over token documents) and :mod:`.corpora` (reads prepared text into them);
 - :mod:`.flops` (analytic cost), :mod:`.harness` (runs and aggregates), :mod:`.report` (JSON, markdown, PNG),
-  :mod:`.commands` (``megacontext bench``).
+  the command itself is :mod:`megacontext.cli.bench` (``megacontext bench``).
 """

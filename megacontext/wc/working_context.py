@@ -71,7 +71,7 @@ class WorkingContextConfig(Config):
         check(self.recency in ("spread", "raw_first"), f"recency={self.recency!r}; expected 'spread' or 'raw_first'")
         check(self.recent_raw >= 0, f"recent_raw={self.recent_raw} must be >= 0")
         # recent_raw + 32 is not enough: a mid-block protected boundary, a partial tail and the LOD1 gists
-        # of a history not yet 1,024 tokens long add up to ~60 slots (see wc_tiling.min_w_max)
+        # of a history not yet 1,024 tokens long add up to ~60 slots (see tiling.min_w_max)
         floor = min_w_max(self.recent_raw)
         check(self.w_max >= floor,
               f"w_max={self.w_max} is too small for recent_raw={self.recent_raw}: need w_max >= {floor} "
@@ -270,7 +270,7 @@ class WorkingContext:
 
     # ------------------------------------------------------------------ model input
     def materialize(self, source: HistorySource, embed: Callable[[Tensor], Tensor]) -> Materialized:
-        """inputs_embeds [T, d], position_ids [T] and the entry <-> slot map (see wc_materialize)."""
+        """inputs_embeds [T, d], position_ids [T] and the entry <-> slot map (see megacontext.wc.materialize)."""
         return materialize_tiling(self.levels, self.indices, self.num_tokens, source, embed,
                                   self.cfg.position_mode)
 

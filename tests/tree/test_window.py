@@ -1,4 +1,4 @@
-"""wc_window: reach of a working context and a re-based suffix window over a history."""
+"""tree.window: a re-based suffix window over a history, and the reach (wc.tiling.reach) that sizes it."""
 
 from __future__ import annotations
 
