@@ -21,6 +21,18 @@ def tiny_llama(hidden: int = 32, layers: int = 2, vocab: int = 128, seed: int = 
     return LlamaForCausalLM(cfg).eval()
 
 
+def tree_engine(base, tmp_path, w_max=4096, recent_raw=64, **kw):
+    """An Engine over a fresh non-durable tree with mean-pooled gists (EngineConfig fields in ``kw``)."""
+    from megacontext.runtime.engine import Engine, EngineConfig
+    from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
+    from megacontext.wc import WorkingContextConfig
+
+    tree = MegaContextTree.create(tmp_path / "store", base.d_model, base.fingerprint,
+                                  MeanPoolCompressor.from_base(base), config=TreeConfig(durable=False))
+    cfg = EngineConfig(wc=WorkingContextConfig(w_max=w_max, recent_raw=recent_raw), **kw)
+    return Engine(base, tree, cfg)
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from megacontext import __version__
+from megacontext.core.config import Config, add_config_args
 
 # (group or "" for top level, module with register(subparsers)); help lists them in this order
 COMMANDS: list[tuple[str, str]] = [
@@ -31,6 +32,16 @@ GROUPS = {
     "train": "train GistNet / LensNet",
     "eval": "evaluate gists and focus",
 }
+
+
+def config_command(sub, name: str, helptext: str, cls: type[Config], func, description: str | None = None):
+    """A sub-command whose flags are generated from config dataclass ``cls``, plus ``--config`` (a YAML file
+    of its fields, read first; explicit flags override it). Returns the parser for extra arguments."""
+    p = sub.add_parser(name, help=helptext, description=description or helptext)
+    p.add_argument("--config", default=None, help=f"YAML file with {cls.__name__} fields (flags override it)")
+    add_config_args(p, cls)
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:

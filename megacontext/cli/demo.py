@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from megacontext.core.config import add_config_args, config_from_args
+from megacontext.cli import config_command
+from megacontext.core.config import config_from_args
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -20,11 +21,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     from megacontext.demo.run import DemoConfig
 
-    p = sub.add_parser("demo", help="end-to-end demo on the embedded model: long input, focus, recall",
-                       description="Ingest a generated ship's log with planted facts and measure recall under "
-                                   "MegaContext vs plain truncation at the same window.")
-    p.add_argument("--config", default=None, help="YAML file with DemoConfig fields (flags override it)")
-    add_config_args(p, DemoConfig)
+    p = config_command(sub, "demo", "end-to-end demo on the embedded model: long input, focus, recall", DemoConfig,
+                       cmd_demo, description="Ingest a generated ship's log with planted facts and measure recall "
+                                             "under MegaContext vs plain truncation at the same window.")
     p.add_argument("--no-reference", dest="reference", action="store_false", default=None,
                    help="skip reading the whole history raw (faster); same as --reference false")
-    p.set_defaults(func=cmd_demo)

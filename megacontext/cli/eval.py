@@ -15,7 +15,8 @@ import json
 import logging
 import sys
 
-from megacontext.core.config import add_config_args, config_from_args
+from megacontext.cli import config_command
+from megacontext.core.config import config_from_args
 
 
 def cmd_gist(args: argparse.Namespace) -> int:
@@ -43,10 +44,7 @@ def register(subparsers) -> None:
              cmd_gist),
             ("focus", "evaluate focus policies (recency, LensNet, oracle) end to end and on QMSum", FocusRunConfig,
              cmd_focus)):
-        p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--config", default=None, help=f"YAML file with {cls.__name__} fields (flags override it)")
-        add_config_args(p, cls)
-        p.set_defaults(func=func)
+        config_command(subparsers, name, helptext, cls, func)
 
 
 def main(argv: list[str] | None = None) -> int:

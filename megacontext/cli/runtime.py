@@ -124,11 +124,15 @@ def cmd_inspect(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ingest", help="append text files to a memory (created if missing)",
-                       description="Append text to a memory store; creates the store with the given settings.")
-    _store_args(p, create=True)
-    p.add_argument("files", nargs="+", help="text files ('-' = stdin)")
-    p.set_defaults(func=cmd_ingest)
+    for name, helptext, description, func, create in (
+            ("ingest", "append text files to a memory (created if missing)",
+             "Append text to a memory store; creates the store with the given settings.", cmd_ingest, True),
+            ("score", "streaming per-token NLL of text under a memory",
+             "Score text token by token under the memory (the text is appended to it).", cmd_score, False)):
+        p = sub.add_parser(name, help=helptext, description=description)
+        _store_args(p, create=create)
+        p.add_argument("files", nargs="+", help="text files ('-' = stdin)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("generate", help="continue a prompt from a memory (streams text)",
                        description="Generate from a memory; prompt and output are appended to it.")
@@ -141,12 +145,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("score", help="streaming per-token NLL of text under a memory",
-                       description="Score text token by token under the memory (the text is appended to it).")
-    _store_args(p, create=False)
-    p.add_argument("files", nargs="+", help="text files ('-' = stdin)")
-    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("inspect", help="focus map of a memory (ASCII, PNG, HTML) and telemetry summary",
                        description="Render the focus map (level of detail along the history over refocus steps).")

@@ -12,7 +12,8 @@ import argparse
 import json
 import logging
 
-from megacontext.core.config import add_config_args, config_from_args
+from megacontext.cli import config_command
+from megacontext.core.config import config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,4 @@ def register(subparsers) -> None:
     for name, helptext, cls, func in (
             ("gistnet", "train GistNet (substitutability through the frozen base)", GistTrainConfig, cmd_gistnet),
             ("lensnet", "label counterfactual focus utilities and train LensNet", LensRunConfig, cmd_lensnet)):
-        p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--config", default=None, help=f"YAML file with {cls.__name__} fields (flags override it)")
-        add_config_args(p, cls)
-        p.set_defaults(func=func)
+        config_command(subparsers, name, helptext, cls, func)

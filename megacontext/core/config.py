@@ -126,7 +126,7 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type[Config], prefix: str = "") -> None:
     """Add one ``--flag`` per field (defaults left as None so YAML values are not overridden); the help text is
-    the field's trailing comment in the dataclass plus its default."""
+    the field's comment in the dataclass (:func:`field_comments`) plus its default."""
     hints = _field_types(cls)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):

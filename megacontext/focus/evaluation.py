@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megacontext.core.assets import BASE_MODEL, LENSNET_MODEL
+from megacontext.core.assets import LENSNET_MODEL
 from megacontext.core.config import Config, check
 from megacontext.core.lod import BLOCK
 from megacontext.data.documents import load_docs, split_docs
@@ -36,6 +36,7 @@ from megacontext.focus.lens import LensPolicy
 from megacontext.focus.oracles import OraclePolicy
 from megacontext.focus.policy import FocusState
 from megacontext.lensnet.labels import variant_nll
+from megacontext.lensnet.runs import DocRunConfig, load_models
 from megacontext.lensnet.views import DocSource, DocView
 from megacontext.wc.allocator import AllocatorConfig
 from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
@@ -198,28 +199,17 @@ def qmsum_eval(base, compressor, items: list[dict], lens: LensPolicy | None, cfg
 
 # ---------------------------------------------------------------------------------------------- the run
 @dataclass
-class FocusRunConfig(Config):
-    base: str = BASE_MODEL  # base model: a directory, an embedded model name or a hub id
-    gistnet: str = ""  # GistNet checkpoint (directory or embedded name); empty = mean-pooling gists
+class FocusRunConfig(DocRunConfig):
     lensnet: str = LENSNET_MODEL  # LensNet checkpoint; empty = recency and oracle only
-    docs: tuple[str, ...] = ()  # document sources, as for train lensnet (the held-out share is used); required
-    holdout_every: int = 4  # must match the training run's split
     qmsum: str = ""  # a QMSum split directory for the evidence test; empty = skip
     labels: str = ""  # a held-out label cache for the ranking metrics (Spearman); empty = skip
     out: str = "runs/lensnet/focus_eval.json"  # the JSON report
-    device: str = "auto"
-    dtype: str = "float32"
     eval: FocusEvalConfig = field(default_factory=FocusEvalConfig)
-
-    def __post_init__(self):
-        check(self.holdout_every >= 2, f"holdout_every={self.holdout_every} must be >= 2")
-        check(len(self.docs) > 0, "docs=() names no documents: pass --docs PATH ... or set docs in the YAML config")
 
 
 def run_focus_eval(cfg: FocusRunConfig) -> dict:
     """The ``eval focus`` report (also written to ``cfg.out``)."""
     from megacontext.lensnet.labels import LabelSet
-    from megacontext.lensnet.runs import load_models
     from megacontext.lensnet.train import LensTrainConfig, evaluate, target_scale
 
     base, comp, _ = load_models(cfg.base, cfg.gistnet, cfg.device, cfg.dtype)

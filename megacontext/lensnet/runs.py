@@ -31,19 +31,26 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LensRunConfig(Config):
+class DocRunConfig(Config):
+    """What a run over whole documents reads (``train lensnet``, ``eval focus``): the models and the documents,
+    split by position into training and held-out shares."""
+
     base: str = BASE_MODEL  # base model: a directory, an embedded model name or a hub id
     gistnet: str = ""  # GistNet checkpoint directory (or embedded name); empty = mean-pooling gists
     docs: tuple[str, ...] = ()  # document sources (token cache dirs, .safetensors, .txt files or dirs); required
-    holdout_every: int = 4  # documents 0, k, 2k, ... are held out for eval focus
+    holdout_every: int = 4  # documents 0, k, 2k, ... are held out for eval focus and never labelled
     device: str = "auto"
     dtype: str = "float32"  # label dNLLs are small differences: keep the base in fp32 (TF32 on GPU)
-    labels: LabelConfig = field(default_factory=LabelConfig)
-    train: LensTrainConfig = field(default_factory=LensTrainConfig)
 
     def __post_init__(self):
         check(self.holdout_every >= 2, f"holdout_every={self.holdout_every} must be >= 2")
         check(len(self.docs) > 0, "docs=() names no documents: pass --docs PATH ... or set docs in the YAML config")
+
+
+@dataclass
+class LensRunConfig(DocRunConfig):
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    train: LensTrainConfig = field(default_factory=LensTrainConfig)
 
 
 def load_models(base_path: str, gistnet: str, device: str, dtype: str):

@@ -7,16 +7,10 @@ import torch
 
 from megacontext.focus import FocusState, LexicalFocus, LexicalFocusConfig, make_policy
 from megacontext.focus.lexical import match_weights, ngram_ids
-from megacontext.runtime.engine import Engine, EngineConfig
-from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
-from megacontext.wc import WorkingContextConfig, check_invariants
+from megacontext.wc import check_invariants
+from tests.conftest import tree_engine
 
-
-def _engine(base, tmp_path, w_max=4096, recent_raw=64, **kw) -> Engine:
-    tree = MegaContextTree.create(tmp_path / "store", base.d_model, base.fingerprint,
-                                  MeanPoolCompressor.from_base(base), config=TreeConfig(durable=False))
-    cfg = EngineConfig(wc=WorkingContextConfig(w_max=w_max, recent_raw=recent_raw), **kw)
-    return Engine(base, tree, cfg)
+_engine = tree_engine
 
 
 def test_registry_builds_the_name_only_policies():

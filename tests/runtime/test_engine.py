@@ -11,18 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacontext.base import FrozenBase
-from megacontext.runtime.engine import Engine, EngineConfig, common_prefix
+from megacontext.runtime.engine import EngineConfig, common_prefix
 from megacontext.runtime.sampling import SamplingConfig
-from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
 from megacontext.wc.working_context import WorkingContextConfig, check_invariants
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tree_engine
 
-
-def _engine(base, tmp_path, w_max=4096, recent_raw=64, **kw) -> Engine:
-    tree = MegaContextTree.create(tmp_path / "store", base.d_model, base.fingerprint,
-                                  MeanPoolCompressor.from_base(base), config=TreeConfig(durable=False))
-    cfg = EngineConfig(wc=WorkingContextConfig(w_max=w_max, recent_raw=recent_raw), **kw)
-    return Engine(base, tree, cfg)
+_engine = tree_engine
 
 
 def test_score_parity_with_plain_base(tiny_base, tmp_path):
