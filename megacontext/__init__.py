@@ -31,8 +31,8 @@ _EXPORTS = {
     "MegaContext": "megacontext.api",
     "EngineConfig": "megacontext.runtime.engine",
     "SamplingConfig": "megacontext.runtime.sampling",
-    "WorkingContextConfig": "megacontext.wc.working_context",
-    "AllocatorConfig": "megacontext.wc.allocator",
+    "WorkingContextConfig": "megacontext.wc",
+    "AllocatorConfig": "megacontext.wc",
     "TreeConfig": "megacontext.tree.store",
     "LexicalFocusConfig": "megacontext.focus.lexical",
 }
@@ -48,8 +48,7 @@ if TYPE_CHECKING:
     from megacontext.runtime.engine import EngineConfig
     from megacontext.runtime.sampling import SamplingConfig
     from megacontext.tree.store import TreeConfig
-    from megacontext.wc.allocator import AllocatorConfig
-    from megacontext.wc.working_context import WorkingContextConfig
+    from megacontext.wc import AllocatorConfig, WorkingContextConfig
 
 
 def __getattr__(name: str):

@@ -80,6 +80,14 @@ def test_imports_point_down_the_dag():
     assert not bad, "imports that go up or sideways in the DAG:\n" + "\n".join(bad)
 
 
+def test_working_context_is_used_through_its_package():
+    """Outside wc/, code imports ``megacontext.wc`` (its exported API), never the modules behind it."""
+    bad = [f"{path.relative_to(PKG.parent)}:{line}: imports {target}"
+           for module, path in MODULES.items() if _unit(module) != "wc"
+           for target, line in _imports(path) if target.startswith("megacontext.wc.")]
+    assert not bad, "imports of wc internals:\n" + "\n".join(bad)
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one node (Tarjan, iterative)."""
     index: dict[str, int] = {}

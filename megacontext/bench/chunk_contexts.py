@@ -38,9 +38,7 @@ from megacontext.core.lod import centre_tensor, complete_entries, segment_ids
 from megacontext.focus import FocusState, RecencyFocus
 from megacontext.tree import InMemoryHistory
 from megacontext.tree.history import check_gist_level, check_indices
-from megacontext.wc.allocator import AllocatorConfig
-from megacontext.wc.tiling import min_w_max
-from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
+from megacontext.wc import AllocatorConfig, WorkingContext, WorkingContextConfig, min_w_max
 
 
 class PrefixHistory:

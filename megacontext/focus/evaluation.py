@@ -38,8 +38,7 @@ from megacontext.focus.policy import FocusState
 from megacontext.lensnet.labels import variant_nll
 from megacontext.lensnet.runs import DocRunConfig, load_models
 from megacontext.lensnet.views import DocSource, DocView
-from megacontext.wc.allocator import AllocatorConfig
-from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
+from megacontext.wc import AllocatorConfig, WorkingContext, WorkingContextConfig
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from megacontext.lensnet.views import (
     expand_variants,
     sample_tiling,
 )
-from megacontext.wc.tiling import EntryState, min_cost
+from megacontext.wc import EntryState, min_cost
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megacontext.core.lod import BLOCK, centre_tensor, cost_tensor
+from megacontext.core.lod import BLOCK, centre_tensor, cost_tensor, segment_ids
 from megacontext.gistnet.levels import read_lod1_inputs
-from megacontext.wc.tiling import (
+from megacontext.wc import (
     EntryState,
     apply_actions,
     collapse_by_recency,
     first_protected_block,
     min_cost,
-    segment_ids,
     sibling_runs,
 )
 

@@ -52,13 +52,13 @@ from megacontext.runtime.telemetry import StageTimer, StepRecord, Telemetry, lod
 from megacontext.tree.window import gathering
 from megacontext.wc import (
     ACTION_COST,
+    TAIL_SLOT,
     AllocatorConfig,
     Materialized,
     WorkingContext,
     WorkingContextConfig,
     check_invariants,
 )
-from megacontext.wc.materialize import TAIL_SLOT
 
 log = logging.getLogger(__name__)
 

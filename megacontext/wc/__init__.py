@@ -7,11 +7,14 @@ allocator that refocuses it.
 - :mod:`.allocator`: scores -> legal expand/collapse actions under the budget.
 - :mod:`.materialize`: a tiling -> ``inputs_embeds`` / ``position_ids`` for the base model.
 
-Other packages import from here (``from megacontext.wc import WorkingContext, EntryState, min_cost``).
+Other packages import from here, never from the modules (``tests/test_layering.py`` checks it): the live
+working context through :class:`WorkingContext`'s methods; code that reasons about tilings other than
+the live one (LensNet's counterfactual labels, per-chunk benchmark contexts) through the pure tiling
+functions exported below.
 """
 
 from megacontext.wc.allocator import AllocatorConfig, StepTelemetry
-from megacontext.wc.materialize import Materialized
+from megacontext.wc.materialize import TAIL_SLOT, Materialized
 from megacontext.wc.tiling import (
     ACTION_COST,
     BudgetError,
@@ -19,14 +22,19 @@ from megacontext.wc.tiling import (
     IllegalActionError,
     InvariantError,
     WorkingContextError,
+    apply_actions,
+    collapse_by_recency,
+    first_protected_block,
     min_cost,
     min_w_max,
     reach,
+    sibling_runs,
 )
 from megacontext.wc.working_context import WorkingContext, WorkingContextConfig, check_invariants
 
 __all__ = [
-    "ACTION_COST", "AllocatorConfig", "BudgetError", "EntryState", "IllegalActionError", "InvariantError",
-    "Materialized", "StepTelemetry", "WorkingContext", "WorkingContextConfig", "WorkingContextError",
-    "check_invariants", "min_cost", "min_w_max", "reach",
+    "ACTION_COST", "TAIL_SLOT", "AllocatorConfig", "BudgetError", "EntryState", "IllegalActionError",
+    "InvariantError", "Materialized", "StepTelemetry", "WorkingContext", "WorkingContextConfig",
+    "WorkingContextError", "apply_actions", "check_invariants", "collapse_by_recency", "first_protected_block",
+    "min_cost", "min_w_max", "reach", "sibling_runs",
 ]
