@@ -5,13 +5,9 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from megacontext.focus.evaluation import FocusEvalConfig, end_to_end, evidence_raw_fraction
-from megacontext.focus.lens import LensPolicy
 from megacontext.lensnet.labels import META, LabelSet
 from megacontext.lensnet.model import LensNet, LensNetConfig
 from megacontext.lensnet.train import LensTrainConfig, spearman_per_context, train_lensnet
-from megacontext.tree.compressor import MeanPoolCompressor
-from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
 
 
 def _planted_labels(path, base, n_ctx=24, e=12, seed=0):
@@ -65,24 +61,6 @@ def test_spearman_matches_naive():
     lab = torch.tensor([[True, True, True, True, False]])
     assert abs(float(spearman_per_context(s, t, lab)[0]) - 1.0) < 1e-6
     assert abs(float(spearman_per_context(-s, t, lab)[0]) + 1.0) < 1e-6
-
-
-def test_end_to_end_runs_all_policies(tiny_base):
-    docs = [torch.randint(1, 128, (1400,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    net = LensNet(LensNetConfig(layers=1, tail_tokens=8), tiny_base.d_model)
-    cfg = FocusEvalConfig(budgets=(192,), recent_raw=32, horizon=8, points=1, steps=2, min_history=1024,
-                          oracle_max_expand=4, qmsum_queries=0)
-    out = end_to_end(tiny_base, MeanPoolCompressor.from_base(tiny_base), docs, LensPolicy(net, tiny_base), 1.0, cfg)
-    r = out["192"]
-    assert set(r) >= {"recency", "lensnet", "oracle", "gap_closed"}
-    # an untrained LensNet is neutral, so it keeps the recency tiling and its NLL
-    assert abs(r["lensnet"]["nll"] - r["recency"]["nll"]) < 1e-5
-
-
-def test_evidence_raw_fraction():
-    wc = WorkingContext.assemble(1024, WorkingContextConfig(w_max=256, recent_raw=64))
-    assert evidence_raw_fraction(wc, [(1000, 1024)]) == 1.0
-    assert evidence_raw_fraction(wc, [(0, 32)]) == 0.0
 
 
 def test_labelset_split_holds_out_documents(tiny_base, tmp_path):
