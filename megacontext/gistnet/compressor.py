@@ -1,7 +1,7 @@
 """GistCompressor: a trained GistNet seen through the tree's compressor protocol.
 
 Implements :class:`megacontext.tree.compressor.Compressor` structurally (``version``, ``d_model``, ``embed``,
-``compress``) without importing the tree, so gistnet and tree stay side by side in the layering.
+``compress``): the tree (a lower layer) is handed it and never imports a network.
 
 Invariants
 - ``version`` = ``gistnet-v1:<LOD1 weights hash>[:<level-2 mode>][:<LOD1 inputs>]``: any change of weights,

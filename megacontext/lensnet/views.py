@@ -177,7 +177,8 @@ def collapse_variants(view: DocView, state: EntryState, which: Tensor) -> tuple[
 
 
 class DocSource:
-    """A :class:`DocView` seen through the working context's ``HistorySource`` protocol, truncated to the
+    """A :class:`DocView` seen as a history (the ``tokens`` / ``gather_gists`` part of
+    :class:`~megacontext.tree.history.HistorySource` that materialisation and policies read), truncated to the
     first ``num_tokens`` tokens (the part that has been "read"; the rest is the future)."""
 
     def __init__(self, view: DocView, num_tokens: int):

@@ -1,7 +1,11 @@
-"""The read API a Working Context uses as its history source, and an in-memory implementation of it.
+"""The read API of a history (:class:`HistorySource`, the one such protocol) and an in-memory implementation.
 
-Both :class:`megacontext.tree.store.MegaContextTree` (on disk) and :class:`InMemoryHistory` (RAM, for
-training and tests) satisfy :class:`HistorySource`. Invariants shared by every implementation:
+Everything above the tree reads a history through this protocol: materialisation of the working context
+(``tokens`` and ``gather_gists``), focus policies, the engine. :class:`megacontext.tree.store.MegaContextTree`
+(on disk), :class:`InMemoryHistory` (RAM, for training and tests) and
+:class:`megacontext.tree.window.HistoryWindow` (a suffix of either) implement it; lighter views used in
+label generation and benchmarks implement the part their readers use. Invariants shared by every
+implementation:
 
 - ``num_entries(0) == num_entries(1) == num_tokens // 32`` and ``num_entries(2) == num_tokens // 1024``;
   the ``num_tokens % 32`` tokens after the last complete block form the tail (``tail_tokens()``), which has
