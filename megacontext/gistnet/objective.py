@@ -12,6 +12,13 @@ Loss terms (weights in :class:`ObjectiveConfig`)
 - ``dense``: KL(all-raw || gisted) of the next-token distributions (or plain NLL) on the raw tokens right
   after the gisted span, which depend on the gists most. KL is zero exactly when the gists are perfect
   substitutes, so it has no irreducible noise floor.
+- ``copy`` (content-aware substitution): in a share ``copy_frac`` of the windows the last 32 tokens are
+  replaced by a copy of one gisted block, and KL(all-raw || gisted) is taken on that copy. The raw model
+  copies the block it can see; the gisted model can only do so if the gist carries the block's content,
+  so this term rewards content where the plain horizon mostly rewards style and topic.
+- ``recon`` (autoencoding, as in ICAE / 500xCompressor): the base reads one gist followed by its own block,
+  teacher-forced, and the NLL of the block tokens is the loss: the gist must let the frozen base
+  regenerate its 32 tokens.
 - hidden-state warm-up (:func:`hidden_regression_loss`): the base model's hidden state at each gist slot
   regresses onto the mean hidden state of the raw block it replaces, a cheap dense start.
 
@@ -42,14 +49,23 @@ class ObjectiveConfig(Config):
     dense: Literal["kl", "nll", "none"] = "kl"
     dense_weight: float = 1.0
     dense_tokens: int = 256  # raw tokens right after the gisted span that get the dense term; 0 = all of them
+    copy_frac: float = 0.0  # share of windows whose last 32 tokens become a copy of one gisted block
+    copy_weight: float = 0.0  # weight of KL(raw || gisted) on those copies (first copy token excluded)
+    recon_weight: float = 0.0  # weight of the reconstruction NLL: [gist][its block], teacher-forced
+    recon_blocks: int = 256  # (gist, block) pairs per batch in the reconstruction term (a random subset)
 
     def __post_init__(self):
         check(self.horizon_weight >= 0, f"horizon_weight={self.horizon_weight} must be >= 0")
         check(self.dense_weight >= 0, f"dense_weight={self.dense_weight} must be >= 0")
         check(self.dense in ("kl", "nll", "none"), f"dense={self.dense!r} must be one of kl, nll, none")
         check(self.dense_tokens >= 0, f"dense_tokens={self.dense_tokens} must be >= 0")
-        check(self.horizon_weight > 0 or (self.dense != "none" and self.dense_weight > 0),
-              "objective has no term: set horizon_weight > 0 or a dense term with dense_weight > 0")
+        check(0.0 <= self.copy_frac <= 1.0, f"copy_frac={self.copy_frac} must lie in [0, 1]")
+        check(self.copy_weight >= 0, f"copy_weight={self.copy_weight} must be >= 0")
+        check(self.recon_weight >= 0, f"recon_weight={self.recon_weight} must be >= 0")
+        check(self.recon_blocks >= 1, f"recon_blocks={self.recon_blocks} must be >= 1")
+        check(self.horizon_weight > 0 or (self.dense != "none" and self.dense_weight > 0)
+              or self.copy_weight > 0 or self.recon_weight > 0,
+              "objective has no term: set horizon_weight, a dense term, copy_weight or recon_weight > 0")
 
 
 def make_prefix(tokens: Tensor, base: FrozenBase, lod1: GistNet, n_lod1: int, lod2: GistNet | None = None,
@@ -101,11 +117,87 @@ def _region(raw_len: int, horizon: int, dense_tokens: int) -> int:
     return avail if dense_tokens == 0 else min(dense_tokens, avail)
 
 
+def plant_copies(tokens: Tensor, gisted_blocks: int, frac: float,
+                 gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Content-aware windows: tokens [B, L] -> (tokens', planted [B] bool). In a share ``frac`` of the rows
+    (drawn from ``gen``, a CPU generator) the last 32 tokens are replaced by a copy of one of the row's
+    first ``gisted_blocks`` blocks, so the copy can only be predicted from the gisted span."""
+    bsz = tokens.shape[0]
+    planted = torch.rand(bsz, generator=gen) < frac  # [B]
+    which = torch.randint(0, max(1, gisted_blocks), (bsz,), generator=gen)  # [B]
+    if not bool(planted.any()):
+        return tokens, planted
+    src = (which[:, None] * BLOCK + torch.arange(BLOCK)[None]).to(tokens.device)  # [B, 32]
+    copies = tokens.gather(1, src)  # [B, 32]
+    out = tokens.clone()
+    out[:, -BLOCK:] = torch.where(planted.to(tokens.device)[:, None], copies, tokens[:, -BLOCK:])
+    return out, planted
+
+
+def _kl(teacher: Tensor, student: Tensor) -> Tensor:
+    """KL(teacher || student) per position [..] from logits [.., V] (float32)."""
+    t_logp = F.log_softmax(teacher.float(), dim=-1)
+    s_logp = F.log_softmax(student.float(), dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def recon_prefix(base: FrozenBase) -> list[int]:
+    """Token ids read before the gist in the reconstruction task: the model's BOS (else EOS) token, which
+    takes the attention-sink role of the first slot so that the gist is read as content; [] if it has none."""
+    cfg = base.config
+    tok = getattr(cfg, "bos_token_id", None)
+    if tok is None:
+        tok = getattr(cfg, "eos_token_id", None)
+    if isinstance(tok, list | tuple):
+        tok = tok[0] if tok else None
+    return [] if tok is None else [int(tok)]
+
+
+def reconstruction_logits(base: FrozenBase, vectors: Tensor, blocks: Tensor) -> Tensor:
+    """The base reads ``[prefix][vector][block]`` (positions 0, 1, ...) for vectors [N, d] and their blocks
+    [N, 32]; returns the teacher-forced logits [N, 32, V] (float32) predicting each block token."""
+    n = vectors.shape[0]
+    pre = torch.tensor(recon_prefix(base), dtype=torch.long, device=base.device).expand(n, -1)  # [N, p]
+    emb = torch.cat([base.embed(pre), vectors[:, None].to(base.dtype), base.embed(blocks)], dim=1)  # [N, p+33, d]
+    pos = torch.arange(emb.shape[1], device=emb.device)
+    return base.forward(emb, pos, full_mask(emb), logits_to_keep=BLOCK + 1).logits[:, :-1].float()
+
+
+def reconstruction_loss(base: FrozenBase, gists: Tensor, blocks: Tensor, max_pairs: int,
+                        gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Autoencoding term: gists [N, d] of blocks [N, 32] -> (mean block NLL, teacher-forced top-1 accuracy),
+    on a random subset of at most ``max_pairs`` pairs."""
+    n = gists.shape[0]
+    if n > max_pairs:
+        idx = torch.randperm(n, generator=gen)[:max_pairs]
+        gists, blocks = gists[idx.to(gists.device)], blocks[idx.to(blocks.device)]
+    logits = reconstruction_logits(base, gists, blocks)  # [N, 32, V]
+    targets = blocks.to(logits.device)
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [N, 32]
+    return nll.mean(), (logits.argmax(-1) == targets).float().mean().detach()
+
+
+def gist_similarity(gists: Tensor, max_rows: int = 256) -> Tensor:
+    """Mean off-diagonal cosine similarity of gists [N, d] (the first ``max_rows``): a collapse detector
+    (near 1 = every block gets about the same vector). Detached 0-d tensor."""
+    g = F.normalize(gists.detach()[:max_rows].float(), dim=-1)
+    n = g.shape[0]
+    if n < 2:
+        return torch.zeros((), device=g.device)
+    gram = g @ g.T  # [n, n]
+    return (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
+
+
 def substitution_loss(lod1: GistNet, base: FrozenBase, tokens: Tensor, horizon: int, n_lod1: int,
-                      cfg: ObjectiveConfig, lod2: GistNet | None = None,
-                      n_lod2: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+                      cfg: ObjectiveConfig, lod2: GistNet | None = None, n_lod2: int = 0,
+                      gen: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Training loss for one batch ``tokens [B, L]`` with the oldest blocks gisted. Returns (loss, metrics);
-    metrics are detached 0-d tensors (no host sync here; the caller decides when to read them)."""
+    metrics are detached 0-d tensors (no host sync here; the caller decides when to read them). ``gen``
+    (CPU) draws the planted copies and the reconstruction subset."""
+    gisted_blocks = (n_lod2 * (span(2) // span(1)) + n_lod1)
+    planted = None
+    if cfg.copy_frac > 0:
+        tokens, planted = plant_copies(tokens, gisted_blocks, cfg.copy_frac, gen)
     prefix, ppos, raw_start = make_prefix(tokens, base, lod1, n_lod1, lod2, n_lod2)
     embeds, pos = splice(base, tokens, raw_start, prefix, ppos)  # [B, P + L - raw_start, d]
     raw_len = tokens.shape[1] - raw_start
@@ -114,18 +206,44 @@ def substitution_loss(lod1: GistNet, base: FrozenBase, tokens: Tensor, horizon: 
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, raw_len]
     metrics: dict[str, Tensor] = {"horizon_nll": nll[:, -horizon:].mean().detach()}
     loss = cfg.horizon_weight * nll[:, -horizon:].mean()
-    n_dense = _region(raw_len, horizon, cfg.dense_tokens)
+    n_dense = _region(raw_len, horizon, cfg.dense_tokens) if cfg.dense != "none" else 0
+    copy_on = planted is not None and bool(planted.any()) and raw_len > BLOCK
+    n_copy = BLOCK - 1 if copy_on else 0  # the copy's first token is unpredictable in every variant
+    teacher_dense = teacher_copy = None
+    if (cfg.dense == "kl" and n_dense > 0) or (copy_on and cfg.copy_weight > 0):
+        with torch.no_grad():  # causal: the teacher needs the window only up to the last position it scores
+            end = tokens.shape[1] if copy_on else raw_start + n_dense
+            keep = end - raw_start
+            raw = raw_tail_logits(base, tokens[:, :end], keep)  # [B, keep, V]
+            teacher_dense = raw[:, :n_dense] if n_dense else None
+            teacher_copy = raw[:, -n_copy:] if copy_on else None
     if cfg.dense != "none" and n_dense > 0:
         if cfg.dense == "nll":
             dense = nll[:, :n_dense].mean()
         else:
-            with torch.no_grad():  # causal: the teacher needs only the window up to the dense region's end
-                teacher = raw_tail_logits(base, tokens[:, : raw_start + n_dense], n_dense)  # [B, n, V]
-            t_logp = F.log_softmax(teacher, dim=-1)
-            s_logp = F.log_softmax(logits[:, :n_dense], dim=-1)
-            dense = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+            dense = _kl(teacher_dense, logits[:, :n_dense]).mean()
         metrics[f"dense_{cfg.dense}"] = dense.detach()
         loss = loss + cfg.dense_weight * dense
+    if copy_on:
+        m = planted.to(logits.device).float()  # [B]
+        rows = m.sum().clamp_min(1.0)
+        metrics["copy_nll"] = ((nll[:, -n_copy:].mean(-1) * m).sum() / rows).detach()
+        if teacher_copy is not None:
+            raw_nll = F.cross_entropy(teacher_copy.transpose(1, 2), targets[:, -n_copy:], reduction="none")
+            metrics["copy_nll_raw"] = ((raw_nll.mean(-1) * m).sum() / rows).detach()
+            if cfg.copy_weight > 0:
+                copy_kl = (_kl(teacher_copy, logits[:, -n_copy:]).mean(-1) * m).sum() / rows
+                metrics["copy_kl"] = copy_kl.detach()
+                loss = loss + cfg.copy_weight * copy_kl
+    g1 = prefix[:, n_lod2:] if n_lod1 else None  # [B, n_lod1, d] the LOD1 gists in the prefix
+    if g1 is not None:
+        metrics["gist_cos"] = gist_similarity(g1.reshape(-1, g1.shape[-1]))
+    if cfg.recon_weight > 0 and n_lod1 > 0:
+        first = n_lod2 * (span(2) // span(1))  # LOD1 gists follow the LOD2-gisted tokens
+        blocks = tokens[:, first * BLOCK: (first + n_lod1) * BLOCK].reshape(-1, BLOCK)  # [B * n_lod1, 32]
+        recon, acc = reconstruction_loss(base, g1.reshape(-1, g1.shape[-1]), blocks, cfg.recon_blocks, gen)
+        metrics["recon_nll"], metrics["recon_acc"] = recon.detach(), acc
+        loss = loss + cfg.recon_weight * recon
     metrics["loss"] = loss.detach()
     return loss, metrics
 

@@ -97,6 +97,8 @@ class GistTrainConfig(Config):
         check(self.context > 0 and self.context % unit == 0 and self.context // unit >= 2,
               f"context={self.context} must be a multiple of {unit} (level-{self.level} span) holding at least 2 spans")
         check(self.level == 2 or not self.lod1, f"lod1={self.lod1!r} is only used with level=2")
+        check(self.level == 1 or self.objective.recon_weight == 0,
+              f"objective.recon_weight={self.objective.recon_weight} applies to level-1 gists only")
         check(self.level == 1 or self.hidden_warmup_steps == 0,
               f"hidden_warmup_steps={self.hidden_warmup_steps} is supported for level 1 only")
         check(self.horizon >= 1, f"horizon={self.horizon} must be >= 1")
@@ -194,11 +196,12 @@ def _as_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
     return {k: round(v, 5) for k, v in zip(metrics, vals, strict=True)}
 
 
-def _loss(model, lod1: GistNet | None, base: FrozenBase, tokens: Tensor, g: int, cfg: GistTrainConfig):
+def _loss(model, lod1: GistNet | None, base: FrozenBase, tokens: Tensor, g: int, cfg: GistTrainConfig,
+          gen: torch.Generator):
     if cfg.level == 1:
-        return substitution_loss(model, base, tokens, cfg.horizon, g, cfg.objective)
+        return substitution_loss(model, base, tokens, cfg.horizon, g, cfg.objective, gen=gen)
     return substitution_loss(lod1 if lod1 is not None else model, base, tokens, cfg.horizon, 0, cfg.objective,
-                             lod2=model, n_lod2=g)
+                             lod2=model, n_lod2=g, gen=gen)
 
 
 def validate(net: GistNet, base: FrozenBase, val: list[Tensor], cfg: GistTrainConfig,
@@ -301,7 +304,7 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
                     loss = hidden_regression_loss(model, base, tokens, g, layer)
                     metrics = {"hidden_loss": loss.detach()}
                 else:
-                    loss, metrics = _loss(model, lod1_net, base, tokens, g, cfg)
+                    loss, metrics = _loss(model, lod1_net, base, tokens, g, cfg, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

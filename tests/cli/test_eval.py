@@ -65,6 +65,7 @@ def test_eval_gist_writes_json_and_markdown(tmp_path, tiny_model_dir, cache, cap
     args = parse(["gist", "--base", str(tiny_model_dir), "--gistnet", str(tmp_path / "gn"), "--cache", str(cache),
                   "--windows", "2", "--context", "128", "--horizon", "8", "--gisted", "96",
                   "--batch-size", "2", "--n-boot", "50", "--cram.windows", "2", "--cram.steps", "2",
+                  "--recon.cram-blocks", "2", "--recon.cram-steps", "2",
                   "--out-dir", str(out), "--scores", str(tmp_path / "s.npz"), "--device", "cpu"])
     assert args.func(args) == 0
     report = json.loads((out / "gist_eval.json").read_text())
@@ -72,9 +73,14 @@ def test_eval_gist_writes_json_and_markdown(tmp_path, tiny_model_dir, cache, cap
     assert set(report["run"]) >= {"command", "commit", "machine"}
     assert report["config"]["gisted"] == [96] and report["config"]["cram"]["steps"] == 2
     books = report["summary"]["books"]
-    assert set(books) == {"horizon", "copy", "cram"}
-    assert set(books["horizon"]["lod1-96of128"]["variants"]) == {"raw", "gist", "meanpool", "drop"}
-    assert len(report["targets"]) == 2
+    assert set(books) == {"horizon", "copy", "cram", "recon"}
+    assert set(books["horizon"]["lod1-96of128"]["variants"]) == {"raw", "gist", "gist_wrong", "meanpool", "drop"}
+    assert set(books["recon"]["lod1-block"]) == {"gist", "gist_wrong", "meanpool", "none", "cram",
+                                                 "gist_on_cram_rows"}
+    assert books["recon"]["lod1-block"]["cram"]["acc"]["n"] == 2
+    names = [t["target"] for t in report["targets"]]
+    assert len(names) == 3 and any(n.startswith("reconstruction accuracy") for n in names)
     md = (out / "gist_eval.md").read_text()
     assert "# Gist substitutability evaluation" in md and md.strip() in capsys.readouterr().out
+    assert "Reconstruction from one vector" in md
     assert "books/horizon/lod1-96of128/gist" in np.load(tmp_path / "s.npz").files

@@ -8,12 +8,16 @@ keeps the rest raw at its own positions. Variants of a setting, scored by mean h
 - ``raw``: the whole window raw (the reference the gists should match);
 - ``drop``: the gisted part removed (raw tail keeps its absolute positions);
 - ``gist``: GistNet's vectors; ``gist_lod1`` (LOD2 settings only): the same span as 32 LOD1 gists;
+- ``gist_wrong``: the gists of *another* window of the batch in the same slots (a control: the share of
+  ``gist`` that is block-specific content rather than topic, style or a learned bias);
 - ``meanpool``: untrained baseline (block mean rescaled to the embedding norm);
 - ``cram`` (on a subset): per-window optimised vectors, see :mod:`megacontext.gistnet.eval.cramming`.
 
 The *copy probe* appends to the context a copy of one 32-token block drawn from the gisted region and
 scores that copy (its first token excluded: nothing announces which block repeats, so it is
 unpredictable in every variant); a gist that carries the block's content lets the model copy it.
+The *reconstruction probe* (:mod:`megacontext.eval.reconstruction`) asks the base to regenerate one block
+from its gist alone.
 
 Design choices
 - Batched: all windows of a batch go through the base together; variants whose inputs have the same
@@ -44,6 +48,7 @@ from megacontext.base import FrozenBase
 from megacontext.core.config import Config, check
 from megacontext.core.lod import BLOCK, centre_tensor, span
 from megacontext.gistnet.eval.cramming import CramConfig, cram
+from megacontext.gistnet.eval.reconstruction import ReconConfig, probe_blocks, recon_scores
 from megacontext.gistnet.levels import read_lod1_inputs
 from megacontext.gistnet.substitute import splice
 
@@ -62,14 +67,18 @@ class GistEvalConfig(Config):
     lod2: bool = False  # add the LOD2 setting (needs a GistNet trained at level 2)
     lod2_recent: int = 128  # raw context tokens after the 1,024 LOD2-gisted ones in the LOD2 setting
     copy_probe: bool = True
+    wrong_gist: bool = True  # add the gist_wrong control (each window read with the previous window's gists)
     batch_size: int = 32
     n_boot: int = 2000
     seed: int = 0
     cram: CramConfig = field(default_factory=CramConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
 
     def __post_init__(self):
         if isinstance(self.cram, dict):
             self.cram = CramConfig.from_dict(self.cram)
+        if isinstance(self.recon, dict):
+            self.recon = ReconConfig.from_dict(self.recon)
         self.gisted = tuple(int(g) for g in self.gisted)
         check(self.context > 0 and self.context % BLOCK == 0,
               f"context={self.context} must be a positive multiple of {BLOCK}")
@@ -153,15 +162,20 @@ def stacked_prefix_nll(base: FrozenBase, tokens: Tensor, horizon: int, raw_start
 
 def setting_nlls(base: FrozenBase, compressors: Mapping[str, Compressor], tokens: Tensor, horizon: int,
                  setting: Setting, raw: Tensor | None = None,
-                 extra_prefixes: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+                 extra_prefixes: Mapping[str, Tensor] | None = None,
+                 wrong_tokens: Tensor | None = None) -> dict[str, Tensor]:
     """All variants of one setting on tokens [B, context + horizon] -> {variant: horizon NLL [B, H]}.
 
     ``raw`` may be passed in when another setting already computed it for the same tokens;
-    ``extra_prefixes`` (e.g. crammed vectors) join the stacked forward of the compressors' prefixes."""
+    ``extra_prefixes`` (e.g. crammed vectors) join the stacked forward of the compressors' prefixes;
+    ``wrong_tokens`` [B, >= gisted] adds ``gist_wrong``: each window read with the gists of these other
+    windows' gisted span (the control for block-specific content)."""
     g = setting.gisted
     out = {"raw": raw if raw is not None else window_nll(base, tokens, horizon, 0),
            "drop": window_nll(base, tokens, horizon, g)}
     prefixes = {name: compress(base, c, tokens[:, :g], setting.level) for name, c in compressors.items()}
+    if wrong_tokens is not None and "gist" in compressors:
+        prefixes["gist_wrong"] = compress(base, compressors["gist"], wrong_tokens[:, :g], setting.level)
     prefixes.update(extra_prefixes or {})
     out.update(stacked_prefix_nll(base, tokens, horizon, g, prefixes, setting.positions(tokens.device)))
     if setting.level == 2 and "gist" in compressors:  # how much the second compression step costs
@@ -220,19 +234,30 @@ def score_windows(base: FrozenBase, windows: Tensor, cfg: GistEvalConfig, gistne
     with _autocast(base.device):
         for start in tqdm(range(0, n, cfg.batch_size), desc=desc, unit="batch", leave=False):
             batch = windows[start:start + cfg.batch_size].to(base.device)  # [B, window]
+            rows = torch.arange(start, start + batch.shape[0])
+            # the control reads the previous window's gists (of the whole sample, so batching cannot change it)
+            prev = windows[(rows - 1) % n].to(base.device) if cfg.wrong_gist and n >= 2 else None
             raw_by_context: dict[int, Tensor] = {}
             for s in settings:
-                toks = batch[:, batch.shape[1] - s.context - cfg.horizon:]  # [B, C + H]
-                nlls = setting_nlls(base, comps, toks, cfg.horizon, s, raw=raw_by_context.get(s.context))
+                cut = batch.shape[1] - s.context - cfg.horizon
+                toks = batch[:, cut:]  # [B, C + H]
+                wrong = None if prev is None else prev[:, cut:]
+                nlls = setting_nlls(base, comps, toks, cfg.horizon, s, raw=raw_by_context.get(s.context),
+                                    wrong_tokens=wrong)
                 raw_by_context[s.context] = nlls["raw"]
                 add("horizon", s, {k: v.mean(-1) for k, v in nlls.items()})
                 if cfg.copy_probe:
                     cw = copy_windows(toks, s, blocks[s.name][start:start + batch.shape[0]])  # [B, C + 32]
-                    cn = setting_nlls(base, comps, cw, BLOCK, s)
+                    cn = setting_nlls(base, comps, cw, BLOCK, s, wrong_tokens=wrong)
                     add("copy", s, {k: v[:, 1:].mean(-1) for k, v in cn.items() if k != "gist_lod1"})
     scores: Scores = {p: {s: {v: torch.cat(x).cpu().numpy() for v, x in vs.items()} | {WINDOW: np.arange(n)}
                           for s, vs in ss.items()}
                       for p, ss in acc.items()}
+    if cfg.recon.enabled:
+        blocks = probe_blocks(windows, cfg.window - cfg.horizon, cfg.seed)  # [N, 32]
+        with _autocast(base.device):
+            scores["recon"] = {"lod1-block": recon_scores(base, blocks, cfg.recon, gistnet, meanpool, cfg.seed)
+                               | {WINDOW: np.arange(n)}}
     if cfg.cram.windows > 0:
         subset = cram_subset(n, cfg.cram.windows, cfg.seed)
         scores["cram"] = cram_scores(base, windows[subset], cfg, gistnet, meanpool, desc)

@@ -33,10 +33,10 @@ def test_summary_metrics_and_targets():
     cram = summary["books"]["cram"]["lod1-896of1024"]
     assert cram["cram_kl"]["value"] == pytest.approx(0.05) and "gist_vs_cram" in cram
     met = {t["target"]: t["met"] for t in targets(summary)}
-    assert met == {"LOD1 gap recovered >= 0.8 (books, lod1-896of1024)": True,
-                   "copy probe gap recovered >= 0.5 (books, lod1-896of1024)": True}
+    assert met == {"LOD1 gap recovered >= 0.4 (books, lod1-896of1024)": True,
+                   "copy probe gap recovered >= 0.3 (books, lod1-896of1024)": True}
     assert {t["verdict"] for t in targets(summary)} == {"met"}
-    missed = targets(summarise({"books": synthetic(0.3)}, n_boot=50))
+    missed = targets(summarise({"books": synthetic(0.1)}, n_boot=50))
     assert not any(t["met"] for t in missed) and {t["verdict"] for t in missed} == {"missed"}
     assert targets(summarise({"code": synthetic(0.9)}, n_boot=50)) == []  # no books domain, nothing to check
 

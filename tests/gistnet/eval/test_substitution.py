@@ -21,7 +21,8 @@ from megacontext.gistnet.eval.substitution import (
 )
 from megacontext.tree.compressor import MeanPoolCompressor
 
-SMALL = dict(context=128, horizon=8, gisted=(64, 96), batch_size=2, n_boot=50, cram={"windows": 0})
+SMALL = dict(context=128, horizon=8, gisted=(64, 96), batch_size=2, n_boot=50, cram={"windows": 0},
+             recon={"cram_blocks": 2, "cram_steps": 2})
 
 
 class LinearCompressor(torch.nn.Module):
@@ -130,13 +131,13 @@ def test_scores_do_not_depend_on_batch_size(tiny_base, windows):
     comp = LinearCompressor(tiny_base.d_model)
     a = score_windows(tiny_base, windows, GistEvalConfig(**{**SMALL, "batch_size": 1, "gisted": (64,)}), comp, mp)
     b = score_windows(tiny_base, windows, GistEvalConfig(**{**SMALL, "batch_size": 2, "gisted": (64,)}), comp, mp)
-    assert set(a) == {"horizon", "copy"}
+    assert set(a) == {"horizon", "copy", "recon"}
     assert set(a["horizon"]) == {"lod1-64of128"}
-    assert set(a["horizon"]["lod1-64of128"]) == {"raw", "drop", "gist", "meanpool", "window_index"}
+    assert set(a["horizon"]["lod1-64of128"]) == {"raw", "drop", "gist", "gist_wrong", "meanpool", "window_index"}
     for p in a:
         for s in a[p]:
             for v in a[p][s]:
-                assert a[p][s][v].shape == (3,)
+                assert a[p][s][v].shape == ((2,) if v.startswith("cram") else (3,))
                 np.testing.assert_allclose(a[p][s][v], b[p][s][v], rtol=1e-5, atol=1e-5)
 
 
