@@ -11,27 +11,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from megacontext.core.assets import resolve
-from megacontext.data.corpora import Document, read_book_parts, read_text_documents
+from megacontext.data.corpora import capped, read_book_parts, read_text_documents
 from megacontext.data.token_cache import TokenCache
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
-
-
-def capped(docs: Iterable[Document], max_chars: int) -> Iterator[Document]:
-    """Documents until ``max_chars`` characters; the last one is cut to fit."""
-    used = 0
-    for doc in docs:
-        if used >= max_chars:
-            return
-        doc.text = doc.text[: max_chars - used]
-        used += len(doc.text)
-        yield doc
 
 
 def main() -> None:

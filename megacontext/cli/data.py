@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from megacontext.core.assets import resolve
-from megacontext.data.corpora import read_book_parts, read_python_sources, read_text_documents
+from megacontext.data.corpora import capped, read_book_parts, read_python_sources, read_text_documents
 from megacontext.data.qmsum import read_qmsum
 from megacontext.data.token_cache import TokenCache
 from megacontext.data.windows import WindowConfig, WindowSampler
@@ -47,6 +47,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     skipped: Counter = Counter()
     # readers check their paths now, before any tokenising starts
+    if args.max_chars < 0:
+        raise ValueError(f"--max-chars={args.max_chars} must be >= 0")
     sources = []
     if args.books:
         sources.append(read_book_parts(args.books, skipped=skipped))
@@ -56,6 +58,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         sources.append(read_qmsum(args.qmsum, skipped=skipped))
     if args.code is not None:
         sources.append(read_python_sources(args.code or None, skipped=skipped))
+    sources = [capped(src, args.max_chars) for src in sources]
     cache = TokenCache.build(itertools.chain(*sources), tokenizer, args.out, show_progress=not args.no_progress,
                              skipped=skipped, overwrite=args.overwrite)
     print(f"token cache: {cache.path} ({cache.index['dtype']}, tokenizer {cache.index['tokenizer_fingerprint']})")
@@ -90,6 +93,8 @@ def register(subparsers) -> None:
                    help="Python source trees (domain code); the flag alone means this interpreter's stdlib")
     p.add_argument("--tokenizer", required=True, help="local tokenizer directory (e.g. the base model) or .json")
     p.add_argument("--out", required=True, help="output cache directory")
+    p.add_argument("--max-chars", type=int, default=0,
+                   help="at most this many characters from each source flag (books, docs, qmsum, code); 0 = all")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)

@@ -171,3 +171,17 @@ def read_python_sources(roots: Iterable[str | os.PathLike] | None = None, domain
                     yield Document(f"{base.name}/{rel}", domain, text, {"source": rel})
 
     return gen()
+
+
+def capped(docs: Iterable[Document], max_chars: int) -> Iterator[Document]:
+    """Documents until ``max_chars`` characters in all (0 = no cap); the last one is cut to fit."""
+    if max_chars <= 0:
+        yield from docs
+        return
+    used = 0
+    for doc in docs:
+        if used >= max_chars:
+            return
+        doc.text = doc.text[: max_chars - used]
+        used += len(doc.text)
+        yield doc

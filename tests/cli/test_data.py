@@ -63,3 +63,18 @@ def test_prepare_shared_slice(tmp_path, capsys):
     assert ":" in tok.decode(cache.doc_tokens(i)[a:b].tolist())
     batch = next(WindowSampler(cache, WindowConfig(context=2048, horizon=64, split="all")).batches(2))
     assert batch.tokens.shape == (2, 2112)
+
+
+def test_prepare_max_chars_caps_each_source(corpus, tokenizer_dir, tmp_path, capsys):
+    def prepare(out, *extra):
+        return main(["data", "prepare", "--docs", *map(str, corpus["docs"]), "--code", *map(str, corpus["code"]),
+                     "--tokenizer", str(tokenizer_dir), "--out", str(out), "--no-progress", *extra])
+
+    assert prepare(tmp_path / "capped", "--max-chars", "900") == 0
+    assert prepare(tmp_path / "full") == 0
+    capsys.readouterr()
+    capped, full = TokenCache.open(tmp_path / "capped"), TokenCache.open(tmp_path / "full")
+    for dom in ("books", "code"):  # each source keeps at most 900 characters' worth of tokens
+        assert 0 < capped.tokens_per_domain()[dom] < full.tokens_per_domain()[dom]
+    assert prepare(tmp_path / "bad", "--max-chars", "-1") == 2
+    assert "--max-chars=-1" in capsys.readouterr().err
