@@ -150,6 +150,15 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest of an int across ranks (every rank gets it), e.g. a step count planned from a timing."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def global_mean(local_sum: Tensor, local_count: Tensor) -> Tensor:
     """Per-rank loss whose DDP gradient average equals the gradient of ``sum(all) / count(all)``.
 

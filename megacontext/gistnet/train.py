@@ -17,6 +17,10 @@ Invariants and design choices
   for resume (tensors in safetensors, scalars in JSON; nothing pickled).
 - Metrics: one JSON line per ``log_every`` steps (and per validation) in ``out/metrics.jsonl``. Host syncs
   (``.item()``) happen only at those lines.
+- Time-planned runs (``steps=0`` with ``max_minutes``): the step rate is measured over the first
+  ``PLAN_STEPS`` steps after warm-up, and the run is planned to end inside the wall budget, so the LR schedule
+  completes instead of being cut mid-cosine (a GPU lease gives minutes, not steps). The planned count is
+  the largest over ranks and is recorded in every metrics line; a resumed time-planned run plans again.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from tqdm import tqdm
 from megacontext.base import FrozenBase
 from megacontext.core.assets import BASE_MODEL
 from megacontext.core.config import Config, check
-from megacontext.core.distributed import any_rank, init_distributed, rank_device, wrap_ddp
+from megacontext.core.distributed import any_rank, init_distributed, max_over_ranks, rank_device, wrap_ddp
 from megacontext.core.lod import span
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.gistnet.objective import ObjectiveConfig, gap_report, hidden_regression_loss, substitution_loss
@@ -47,6 +51,8 @@ from megacontext.gistnet.windows import open_windows
 
 log = logging.getLogger(__name__)
 
+PLAN_SKIP, PLAN_STEPS = 5, 20  # time-planned runs: steps ignored (warm-up), then steps timed
+PLAN_RESERVE = 0.06  # share of the wall budget kept for the final validation and checkpoint
 OPTIM = "optim.safetensors"
 STATE = "train_state.json"
 METRICS = "metrics.jsonl"
@@ -104,6 +110,8 @@ class GistTrainConfig(Config):
         check(self.horizon >= 1, f"horizon={self.horizon} must be >= 1")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         check(self.steps >= 0, f"steps={self.steps} must be >= 0")
+        check(self.steps > 0 or self.max_minutes > 0,
+              f"steps={self.steps}: 0 plans the run from the step rate and needs max_minutes > 0")
         check(self.lr > 0, f"lr={self.lr} must be > 0")
         check(0 <= self.min_lr_frac <= 1, f"min_lr_frac={self.min_lr_frac} must lie in [0, 1]")
         for name in ("gist_frac_start", "gist_frac_end", "val_gist_frac"):
@@ -281,12 +289,17 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
         val = [next(val_iter).to(device) for _ in range(cfg.val_batches)]
 
     logger = _Logger(out / METRICS, dist_.main)
+    planned = cfg.steps == 0  # time-planned: steps are set once the step rate is known
+    if planned:
+        cfg = cfg.replace(steps=10**9)  # while timing: only LR warm-up and the curriculum's start are used
     t0 = time.time()
+    t_plan = None
     last: dict[str, float] = {}
     acc: dict[str, Tensor] = {}  # running sums of this log interval
     n_acc: dict[str, int] = {}  # per key: warm-up and substitution steps log different keys
     step = start
-    bar = tqdm(total=cfg.steps, initial=start, disable=not dist_.main, desc="gistnet", mininterval=5.0)
+    bar = tqdm(total=None if planned else cfg.steps, initial=start, disable=not dist_.main, desc="gistnet",
+               mininterval=5.0)
     try:
         if dist_.main and val and start == 0:
             last = {"step": 0, **{f"val_{k}": v for k, v in validate(net, base, val, cfg, lod1_net).items()}}
@@ -312,11 +325,22 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
             opt.step()
             step += 1
             bar.update(1)
+            if planned and step == start + PLAN_SKIP:
+                t_plan = time.time()
+            elif planned and step == start + PLAN_SKIP + PLAN_STEPS:
+                rate = PLAN_STEPS / max(time.time() - t_plan, 1e-6)
+                left = 60 * cfg.max_minutes * (1 - PLAN_RESERVE) - (time.time() - t0)
+                total = max_over_ranks(step + max(1, int(rate * left)), device)
+                cfg = cfg.replace(steps=total)
+                planned = False
+                bar.total = total
+                log.info("time-planned run: %.2f steps/s -> %d steps in %.1f min", rate, total, cfg.max_minutes)
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0) + v.float()
                 n_acc[k] = n_acc.get(k, 0) + 1
             if dist_.main and (step % cfg.log_every == 0 or step == cfg.steps):
-                rec = {"step": step, "lr": cfg.lr_at(step - 1), "gist_blocks_max": cfg.max_gist_blocks(step - 1),
+                rec = {"step": step, "steps": None if planned else cfg.steps, "lr": cfg.lr_at(step - 1),
+                       "gist_blocks_max": cfg.max_gist_blocks(step - 1),
                        "elapsed_s": round(time.time() - t0, 1),
                        **_as_floats({k: v / n_acc[k] for k, v in acc.items()})}
                 acc, n_acc = {}, {}

@@ -184,3 +184,23 @@ def test_level2_trains_on_frozen_lod1(base, tmp_path):
     assert GistNet.load(tmp_path / "l2", base).weights_hash() != init.weights_hash()  # the LOD2 net learned
     with pytest.raises(ConfigError, match="context=1024"):
         GistTrainConfig(level=2, context=1024)  # one 1024-token span leaves nothing raw
+
+
+def test_time_planned_run_sets_its_step_count(tmp_path, base, monkeypatch):
+    """steps=0 + max_minutes: the step count is planned from the measured rate and the LR schedule completes."""
+    import megacontext.gistnet.train as tr
+
+    monkeypatch.setattr(tr, "PLAN_SKIP", 1)
+    monkeypatch.setattr(tr, "PLAN_STEPS", 2)
+    clock = iter(range(0, 10**6, 2))  # a fake wall clock: every call advances 2 s
+    monkeypatch.setattr(tr.time, "time", lambda: float(next(clock)))
+    cfg = _small_cfg(tmp_path / "run", steps=0, max_minutes=0.6, val_every=0, log_every=1)
+    train(cfg, base=base)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    planned = [x["steps"] for x in lines if x.get("steps")]
+    assert planned and len(set(planned)) == 1 and planned[0] >= 4
+    assert lines[-1]["step"] == planned[0]  # ran to the planned end, not cut by the wall clock
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["train_config"]["steps"] == planned[0]
+    with pytest.raises(ConfigError, match="max_minutes"):
+        GistTrainConfig(steps=0)
