@@ -86,7 +86,8 @@ case "$part" in
     echo "== $(date -u +%T) exporting (bf16) and evaluating"
     for v in "${variants[@]}"; do
       tail -n 2 "$work/$v.train.log"
-      $py benchmarks/gistnet_export.py "$work/$v" "$work/export/$v" --base "$base" || { echo "$v: no checkpoint"; continue; }
+      $py benchmarks/gistnet_export.py "$work/$v" "$work/export/$v" --base "$base" \
+        --check-cache "$work/tok/dev" || { echo "$v: no checkpoint"; continue; }
       done_+=("$v")
       cp "$work/$v/metrics.jsonl" "$work/export/$v/"
       $py -m megacontext.eval.commands gist --base "$base" --gistnet "$work/export/$v" --cache "$work/tok/eval" \
