@@ -20,6 +20,7 @@
 #      gistnet_v2_summary.md (one row per variant) and the run log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, not an installed copy
 part=${1:?usage: gistnet_v2.sh stage | run OUT [variant ...]}
 shift
 py=${PYTHON:-python3}
