@@ -7,7 +7,8 @@ Keeps the checkpoint's ``step``, ``train_config``, ``levels`` and ``lod1_weights
 
 Promotion guard (degenerate gists are a known failure of gisting): the exported net's LOD1 gists of 512
 blocks (from ``--check-cache``, else random token blocks) must not collapse: their mean pairwise cosine
-similarity must stay below ``--max-cos`` (default 0.95), else the export is refused (``--force`` overrides).
+similarity must stay below ``--max-cos`` (default 0.98; mean-pooled gists of book blocks sit near 0.95 on the
+v1 base), else the export is refused (``--force`` overrides).
 The measured similarity is stored in the checkpoint metadata as ``gist_cos``.
 """
 
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("dst")
     ap.add_argument("--base", default="base-llama-19m")
     ap.add_argument("--check-cache", default=None, help="token cache whose blocks feed the collapse check")
-    ap.add_argument("--max-cos", type=float, default=0.95, help="refuse when mean gist cosine similarity exceeds it")
+    ap.add_argument("--max-cos", type=float, default=0.98, help="refuse when mean gist cosine similarity exceeds it")
     ap.add_argument("--force", action="store_true", help="export even when the collapse check fails")
     args = ap.parse_args()
     base = FrozenBase.load(args.base, device="cpu")
