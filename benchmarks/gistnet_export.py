@@ -20,9 +20,9 @@ import torch
 
 from megacontext.base import FrozenBase
 from megacontext.core.checkpoint import read_checkpoint_meta
+from megacontext.core.lod import BLOCK
 from megacontext.gistnet.model import GistNet
 from megacontext.gistnet.objective import gist_similarity
-from megacontext.spans import BLOCK
 
 
 def sample_blocks(base: FrozenBase, cache: str | None, n: int = 512) -> torch.Tensor:

@@ -91,7 +91,7 @@ case "$part" in
         --check-cache "$work/tok/dev" || { echo "$v: no checkpoint"; continue; }
       done_+=("$v")
       cp "$work/$v/metrics.jsonl" "$work/export/$v/"
-      $py -m megacontext.eval.commands gist --base "$base" --gistnet "$work/export/$v" --cache "$work/tok/eval" \
+      $py -m megacontext.cli.eval gist --base "$base" --gistnet "$work/export/$v" --cache "$work/tok/eval" \
         --split all --windows "${WINDOWS:-400}" --batch-size 64 --cram.windows 0 \
         --recon.cram-blocks "${RECON_CRAM:-64}" --recon.cram-steps 300 \
         --out-dir "$work/export/$v" --name "gist_eval_$v" ${EXTRA_EVAL:-} > "$work/$v.eval.log" 2>&1 & jobs_+=($!)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megacontext.base import FrozenBase
-from megacontext.config import ConfigError
+from megacontext.core.config import ConfigError
+from megacontext.core.lod import BLOCK
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.gistnet.objective import (
     ObjectiveConfig,
@@ -21,7 +22,6 @@ from megacontext.gistnet.objective import (
 )
 from megacontext.gistnet.substitute import splice
 from megacontext.gistnet.train import GistTrainConfig
-from megacontext.spans import BLOCK
 from tests.conftest import tiny_llama
 
 MODEL = GistNetConfig(layers=1, heads=2)

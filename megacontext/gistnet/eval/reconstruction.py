@@ -29,10 +29,10 @@ from torch import Tensor
 
 from megacontext.base import FrozenBase
 from megacontext.core.config import Config, check
+from megacontext.core.lod import BLOCK
 from megacontext.core.stats import mean_ci
 from megacontext.gistnet.levels import read_lod1_inputs
 from megacontext.gistnet.objective import reconstruction_logits
-from megacontext.core.lod import BLOCK
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ keeps the rest raw at its own positions. Variants of a setting, scored by mean h
 The *copy probe* appends to the context a copy of one 32-token block drawn from the gisted region and
 scores that copy (its first token excluded: nothing announces which block repeats, so it is
 unpredictable in every variant); a gist that carries the block's content lets the model copy it.
-The *reconstruction probe* (:mod:`megacontext.eval.reconstruction`) asks the base to regenerate one block
+The *reconstruction probe* (:mod:`megacontext.gistnet.eval.reconstruction`) asks the base to regenerate one block
 from its gist alone.
 
 Design choices

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.base import FrozenBase
-from megacontext.gistnet.eval.substitution import GistEvalConfig, Setting, setting_nlls
+from megacontext.core.lod import BLOCK
 from megacontext.gistnet.eval.reconstruction import (
     ReconConfig,
     cram_vectors,
@@ -16,8 +16,8 @@ from megacontext.gistnet.eval.reconstruction import (
     recon_scores,
     summarise_recon,
 )
+from megacontext.gistnet.eval.substitution import GistEvalConfig, Setting, setting_nlls
 from megacontext.gistnet.objective import reconstruction_logits
-from megacontext.core.lod import BLOCK
 from megacontext.tree.compressor import MeanPoolCompressor
 from tests.conftest import tiny_llama
 
