@@ -98,9 +98,14 @@ def load_books(paths: list[str | Path], tokenizer, val_tokens: int = 400_000, ch
         books = kept
     if len(books) < 2 and val_tokens > 0:
         raise ValueError(f"need at least 2 books to hold one out for validation, got {len(books)} from {paths}")
-    val, want = [], val_tokens * chars_per_token
-    while val_tokens > 0 and len(books) > 1 and sum(map(len, val)) < want:
-        val.insert(0, books.pop())
+    # hold out whole books from the end of the list, skipping books that would overshoot the target 3-fold
+    val, want, got = [], val_tokens * chars_per_token, 0
+    for i in range(len(books) - 1, 0, -1):
+        if val_tokens <= 0 or got >= want:
+            break
+        if got == 0 or got + len(books[i]) <= 3 * want:
+            got += len(books[i])
+            val.insert(0, books.pop(i))
     eot = tokenizer.eos_token_id
     train_ids, val_ids = encode_docs(tokenizer, books, eot), encode_docs(tokenizer, val, eot)
     return Source("books", train_ids, val_ids, docs=len(books), chars=sum(map(len, books)),

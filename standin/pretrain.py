@@ -60,7 +60,7 @@ class TrainConfig:
     export: str = ""  # optional: the GPU call's $OUT (<= 8 files, each < 16 MiB)
     resume: str = ""  # run dir (or joined export) to continue
     books: list[str] = field(default_factory=list)  # train book files (.txt.xz/.txt, books split by \x1e)
-    book_val_tokens: int = 300_000  # whole books held out for the loss curve
+    book_val_tokens: int = 120_000  # whole books held out for the loss curve (about 1-2 books)
     book_max_chars: int = 0  # 0: all
     code_roots: list[str] = field(default_factory=list)  # default: this interpreter's site-packages + stdlib
     code_max_chars: int = 160_000_000
@@ -103,8 +103,9 @@ class TrainConfig:
         for b in self.books:
             if not Path(b).is_file():
                 raise ValueError(f"--books file {b!r} does not exist")
-            if "/books/dev/" in str(Path(b).resolve()):
-                raise ValueError(f"--books file {b!r} looks like a held-out dev book: never train on those")
+            if "dev" in Path(b).resolve().parts:
+                raise ValueError(f"--books file {b!r} lies in a 'dev' folder (held-out evaluation books): "
+                                 "never train on those")
         for name in ("batch", "seq", "log_every", "eval_every", "measure_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
