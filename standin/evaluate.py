@@ -113,7 +113,7 @@ def spread_windows(tokens: np.ndarray, n: int, length: int, offset: int = 0) -> 
     return ((np.arange(n) * (hi / max(n, 1)) + offset) % hi).astype(np.int64)
 
 
-def _rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+def rows_at(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     return tokens[starts[:, None] + np.arange(length)[None]]
 
 
@@ -151,7 +151,7 @@ def copy_probe(model, rows: np.ndarray, distances=COPY_DISTANCES, block: int = B
     return res
 
 
-def _answer_hits(model, rows: list[np.ndarray], answer_lens: list[int], batch: int) -> np.ndarray:
+def answer_hits(model, rows: list[np.ndarray], answer_lens: list[int], batch: int) -> np.ndarray:
     """Rows of equal length ending with their answer: True where argmax hits every answer token."""
     hits = []
     keep = max(answer_lens) + 1
@@ -271,15 +271,15 @@ def evaluate_model(model, tokenizer, tokens: np.ndarray, owner: np.ndarray, size
     """All probes on one model; per-unit arrays are kept (under ``_raw``) for paired comparisons."""
     t0 = time.time()
     val_starts = spread_windows(tokens, sizes["val"], seq + 1)
-    val = window_nll(model, _rows(tokens, val_starts, seq + 1), batch)
+    val = window_nll(model, rows_at(tokens, val_starts, seq + 1), batch)
     copy_starts = spread_windows(tokens, sizes["copy"], seq, offset=3)
-    copies = copy_probe(model, _rows(tokens, copy_starts, seq), distances, batch=batch)
+    copies = copy_probe(model, rows_at(tokens, copy_starts, seq), distances, batch=batch)
     pk_rows, pk_alen, pk_gap = passkey_rows(tokenizer, tokens, sizes["passkey"], seq, gaps, seed)
-    pk = _answer_hits(model, pk_rows, pk_alen, batch)
+    pk = answer_hits(model, pk_rows, pk_alen, batch)
     f_rows, f_alen, f_k, f_gap = fact_rows(tokenizer, tokens, sizes["fact"], seq, seed)
-    fh = _answer_hits(model, f_rows, f_alen, batch)
+    fh = answer_hits(model, f_rows, f_alen, batch)
     sk_starts = spread_windows(tokens, sizes["skip"], seq + 1, offset=11)
-    sk = skip_probe(model, _rows(tokens, sk_starts, seq + 1), batch=batch)
+    sk = skip_probe(model, rows_at(tokens, sk_starts, seq + 1), batch=batch)
     groups = owner[val_starts]
     res = {
         "val_nll": mean_est(val, groups, seed),

@@ -231,9 +231,9 @@ def monitor(model, tok, data: dict, cfg: TrainConfig) -> dict:
                     out[f"copy{d}_nocopy_nll"] = round(float(nc.mean()), 4)
                 gaps = [g for g in evaluate.PASSKEY_GAPS if g < cfg.seq - 64] or [cfg.seq // 4]
                 r, al, _ = evaluate.passkey_rows(tok, data["book_tokens"], cfg.monitor_rows, cfg.seq, gaps, seed=1)
-                out["passkey_acc"] = round(float(evaluate._answer_hits(model, r, al, b).mean()), 4)
+                out["passkey_acc"] = round(float(evaluate.answer_hits(model, r, al, b).mean()), 4)
                 r, al, _, _ = evaluate.fact_rows(tok, data["book_tokens"], cfg.monitor_rows, cfg.seq, seed=1)
-                out["fact_acc"] = round(float(evaluate._answer_hits(model, r, al, b).mean()), 4)
+                out["fact_acc"] = round(float(evaluate.answer_hits(model, r, al, b).mean()), 4)
     finally:
         model.train()
     return out

@@ -88,7 +88,7 @@ class Trainer:
         self.loss_fn = self._compile() if cfg.compile and dev.type == "cuda" else loss_terms
         self.compiled_ok = self.loss_fn is loss_terms
         self.ones = torch.ones(cfg.batch, cfg.seq, dtype=torch.long, device=dev)
-        self.acc = {k: torch.zeros((), device=dev) for k in ("loss", "rec_ce", "rec_n", "gnorm")}
+        self.acc = {k: torch.zeros((), device=dev) for k in ("loss", "ce", "rec_ce", "rec_n", "gnorm")}
         self.by_type = torch.zeros(len(ROW_TYPES), device=dev)
         self.n_type = torch.zeros(len(ROW_TYPES), device=dev)
         self.hit = torch.zeros((), device=dev)
@@ -206,6 +206,7 @@ class Trainer:
             if want_hit:
                 self.hit = ((logits.argmax(-1) == tgt).float() * rf).sum() / rf.sum().clamp(min=1)
             self.acc["loss"] += loss.detach()
+            self.acc["ce"] += ce.mean()
             self.acc["gnorm"] += gn.detach()
             self.acc["rec_ce"] += (ce * rf).sum()
             self.acc["rec_n"] += rf.sum()
@@ -215,7 +216,8 @@ class Trainer:
     def log_record(self, since_step: int, since_t: float, lr: float) -> dict:
         k, cfg, tokens = max(1, self.step - since_step), self.cfg, self.tokens
         rec = {
-            "step": self.step, "loss": round(float(self.acc["loss"]) / k, 4), "lr": lr,
+            "step": self.step, "loss": round(float(self.acc["loss"]) / k, 4), "ce": round(float(self.acc["ce"]) / k, 4),
+            "lr": lr,
             "tok_s": round(k * cfg.batch * cfg.seq / max(time.time() - since_t, 1e-9)),
             "elapsed": round(time.time() - self.t_start, 1), "grad_norm": round(float(self.acc["gnorm"]) / k, 3),
             "recall_ce": round(float(self.acc["rec_ce"]) / max(1.0, float(self.acc["rec_n"])), 4),

@@ -50,7 +50,7 @@ def book_tokens(tokenizer):
 
 
 def test_copy_probe_separates_a_copier_from_a_random_model(book_tokens):
-    rows = E._rows(book_tokens, E.spread_windows(book_tokens, 2, 160), 160)
+    rows = E.rows_at(book_tokens, E.spread_windows(book_tokens, 2, 160), 160)
     oracle = E.copy_probe(SuffixOracle(), rows, (48, 112), block=32, batch=2)
     rand = E.copy_probe(tiny_vocab_llama(), rows, (48, 112), block=32, batch=2)
     for d in (48, 112):
@@ -63,12 +63,12 @@ def test_copy_probe_separates_a_copier_from_a_random_model(book_tokens):
 def test_passkey_and_facts_on_a_copier(tokenizer, book_tokens):
     rows, alen, gaps = E.passkey_rows(tokenizer, book_tokens, 6, seq=256, gaps=(16, 64, 180))
     assert all(r.size == 256 for r in rows) and set(gaps.tolist()) == {16, 64, 180}
-    hits = E._answer_hits(SuffixOracle(), rows, alen, batch=3)
+    hits = E.answer_hits(SuffixOracle(), rows, alen, batch=3)
     assert hits.mean() == 1.0  # the benchmark wording is answerable by copying the statement's continuation
-    assert E._answer_hits(tiny_vocab_llama(), rows, alen, batch=3).mean() == 0.0
+    assert E.answer_hits(tiny_vocab_llama(), rows, alen, batch=3).mean() == 0.0
     f_rows, f_alen, ks, _ = E.fact_rows(tokenizer, book_tokens, 8, seq=256)
     assert all(r.size == 256 for r in f_rows) and set(ks.tolist()) == {1, 2, 3, 4}
-    f_hits = E._answer_hits(SuffixOracle(), f_rows, f_alen, batch=4)
+    f_hits = E.answer_hits(SuffixOracle(), f_rows, f_alen, batch=4)
     assert f_hits.mean() <= 0.5  # a different question frame defeats plain continuation copying
 
 
@@ -98,7 +98,7 @@ def test_wilson_and_targets():
 @pytest.mark.skipif(v1_dir() is None, reason="v1 model dir not in this checkout")
 def test_v1_copies_better_with_the_copy_than_without(book_tokens):
     m = E.load_model(str(v1_dir()), torch.device("cpu"))
-    rows = E._rows(book_tokens, E.spread_windows(book_tokens, 2, 300), 300)
+    rows = E.rows_at(book_tokens, E.spread_windows(book_tokens, 2, 300), 300)
     (copy, nocopy), = E.copy_probe(m, rows, (256,), batch=2).values()
     assert copy.mean() < nocopy.mean() - 0.3  # v1 copies weakly but clearly (model card: 2.61 vs 3.61)
 

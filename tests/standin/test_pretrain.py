@@ -73,7 +73,7 @@ def test_train_resume_export_and_join(tiny_dir, books_xz, code_root, tmp_path):
     assert st["step"] == 3 and st["segment"] == 0 and st["segment_done"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if not r.get("final")]
-    assert steps == [1, 2, 3] and {"loss", "lr", "tok_s", "elapsed", "ce_by_type"} <= set(lines[0])
+    assert steps == [1, 2, 3] and {"loss", "ce", "lr", "tok_s", "elapsed", "ce_by_type"} <= set(lines[0])
     assert "val_books_nll" in lines[0]["held_out"] and lines[-1]["final"]
     assert st["passes"]["books"] > 0 and st["tokens"]["code"] > 0
     # the export fits the return limits and joins back to the same bytes
