@@ -252,14 +252,14 @@ def wilson(hits: np.ndarray, z: float = 1.96) -> dict:
 
 
 def mean_est(x: np.ndarray, groups=None, seed: int = 0) -> dict:
-    from megacontext.eval.stats import mean_ci
+    from megacontext.core.stats import mean_ci
 
     e = mean_ci(np.asarray(x, dtype=np.float64), groups=groups, seed=seed)
     return {"value": round(e.value, 4), "lo": round(e.lo, 4), "hi": round(e.hi, 4), "n": e.n}
 
 
 def diff_est(a: np.ndarray, b: np.ndarray, groups=None, seed: int = 0) -> dict:
-    from megacontext.eval.stats import diff_ci
+    from megacontext.core.stats import diff_ci
 
     e = diff_ci(np.asarray(a, np.float64), np.asarray(b, np.float64), groups=groups, seed=seed)
     return {"value": round(e.value, 4), "lo": round(e.lo, 4), "hi": round(e.hi, 4), "n": e.n}
@@ -325,7 +325,7 @@ def run(model_dir: str, v1_dir: str | None, dev: list[str], device: torch.device
     commit (a GPU call's copy of the repo may have no .git)."""
     from transformers import PreTrainedTokenizerFast
 
-    from megacontext.eval.provenance import run_info
+    from megacontext.core.provenance import run_info
     from standin import targets
 
     t0 = time.time()
