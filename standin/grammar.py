@@ -10,7 +10,7 @@ Invariants (tested in tests/standin/test_grammar.py):
   attributes never occur (as whole words) inside a train attribute or frame; an eval frame rendered with
   *train* slot fillers is matched by no train frame pattern (so the frames differ in their literal text,
   not only in their fillers). The pass-key wording of the benchmark suite (megacontext/bench/tasks.py)
-  and the demo's planted facts (megacontext/demo_input.py) are eval-only as well.
+  and the demo's planted facts (megacontext/demo/input.py) are eval-only as well.
 - A question never ends with the same words that precede the value in its statement (the last
   ``SURFACE_CHARS`` characters differ), so no fact is answerable by copying the statement's prefix.
 - Values enter text as " " + value and are followed by a non-word character, so their BPE tokens are
@@ -110,7 +110,7 @@ TRAIN_KEY_QUESTIONS = ("What is the {N}? The {N} is", "What was the {N} again? I
 # the benchmark suite's wording (megacontext/bench/tasks.py), kept out of training
 EVAL_KEY_STATEMENT = "The pass key is {K}. Remember it."
 EVAL_KEY_QUESTION = "\nThe pass key is"
-# the demo's planted facts (megacontext/demo_input.py): no training string may spell them out
+# the demo's planted facts (megacontext/demo/input.py): no training string may spell them out
 DEMO_FACT_PREFIXES = ("The secret number of the captain's safe is", "The ship's cat was called",
                       "The treasure is buried under the")
 

@@ -55,7 +55,7 @@ def tiny_dir(tmp_path_factory, tok_dir) -> Path:
 
 
 def generated_books(n: int = 10, chars: int = 30_000) -> list[str]:
-    from megacontext.demo_input import ships_log
+    from megacontext.demo.input import ships_log
 
     return [ships_log(chars, seed=i)[0] for i in range(n)]
 
