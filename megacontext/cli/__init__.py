@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("", "megacontext.cli.demo"),
     ("", "megacontext.cli.runtime"),
     ("", "megacontext.cli.bench"),
+    ("", "megacontext.serve.cli"),
 ]
 
 GROUPS = {
