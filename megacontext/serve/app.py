@@ -1,7 +1,7 @@
 """The HTTP app: FastAPI routes over :class:`MemoryService`, with auth, limits, errors and server-sent events.
 
 Routes (all under ``/v1`` need ``Authorization: Bearer <token>`` unless the server runs ``--insecure-local``):
-``GET /healthz``; ``GET /v1/models``; ``GET|POST /v1/sessions``; ``GET|DELETE /v1/sessions/{id}``;
+``GET /healthz``; ``GET /v1/models``; ``GET /v1/stats``; ``GET|POST /v1/sessions``; ``GET|DELETE /v1/sessions/{id}``;
 ``POST /v1/sessions/{id}/append|generate|score``; ``GET /v1/sessions/{id}/text|telemetry|focus-map``;
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (:mod:`megacontext.serve.openai`).
 
@@ -181,6 +181,10 @@ def create_app(service: MemoryService, token: str | None) -> FastAPI:
         return {"object": "list", "default_base": out["default_base"],
                 "data": [{"id": m["name"], "object": "model", "owned_by": "megacontext", "kind": m["kind"]}
                          for m in out["models"]]}
+
+    @app.get("/v1/stats", dependencies=auth)
+    async def stats():
+        return service.stats()
 
     @app.get("/v1/sessions", dependencies=auth)
     async def list_sessions():

@@ -24,6 +24,7 @@ Endpoints (all under /v1 need 'Authorization: Bearer <token>'; the token comes f
 --token-file; --insecure-local serves without one, on a loopback address only):
   GET  /healthz                              liveness (no token)
   GET  /v1/models                            the allowed models (--models)
+  GET  /v1/stats                             opens, evictions, commits and their latency, memory
   GET  /v1/sessions, POST /v1/sessions       list / create {{id, base, gistnet, lensnet, config}}
   GET|DELETE /v1/sessions/ID                 info / delete
   POST /v1/sessions/ID/append                {{text}}

@@ -116,6 +116,9 @@ class MegaContextClient:
     def models(self) -> dict:
         return self._call("GET", "/v1/models")
 
+    def stats(self) -> dict:
+        return self._call("GET", "/v1/stats")
+
     def list_sessions(self) -> dict:
         return self._call("GET", "/v1/sessions")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import tempfile
 import threading
 import uuid
@@ -88,6 +89,10 @@ class MemoryService:
     # ------------------------------------------------------------------ sessions
     def models(self) -> dict:
         return {"models": self.catalog.listing(), "default_base": self.catalog.default_base}
+
+    def stats(self) -> dict:
+        """Registry counters, commit latency and this process's memory (resident and peak, MiB)."""
+        return {**self.sessions.stats(), **_memory_mib()}
 
     def list_sessions(self) -> dict:
         open_ids = set(self.sessions.open_ids())
@@ -326,6 +331,17 @@ class MemoryService:
             reason = "length" if n_gen >= p.max_new_tokens else "eos"
         return {"text": text, "stop_reason": reason, "prompt_tokens": len(ids), "generated_tokens": n_gen,
                 "num_tokens": mc.num_tokens, "pending": pending}
+
+
+def _memory_mib() -> dict:
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_mib"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+        out["peak_rss_mib"] = max(out["peak_rss_mib"], out["rss_mib"])  # the two are sampled differently
+    return out
 
 
 def _clear_pending(s: Session) -> None:

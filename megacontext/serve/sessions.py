@@ -11,7 +11,8 @@ Invariants
 - Work on a session happens only inside :meth:`SessionRegistry.use`, which holds the session's lock: requests
   on one session are serialised, different sessions run concurrently.
 - At most ``max_open`` engines stay open. Opening one more closes (saves) the least recently used sessions
-  that are idle; a busy one is skipped, so the LRU may briefly exceed its bound rather than block.
+  that are idle; a busy one is skipped, so the LRU may exceed its bound while they are busy rather than block,
+  and is trimmed back as soon as a request ends.
 - Every engine is opened with the store's cross-process lock; a session held by another process is refused
   with 423, never opened twice.
 - :meth:`SessionRegistry.commit` is the only place where acknowledged work is made durable. It calls
@@ -26,10 +27,11 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +92,9 @@ class SessionRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         self._open: OrderedDict[str, Session] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
-        self._reg = threading.Lock()  # guards _open and _locks; never held during model or disk work
+        self._reg = threading.Lock()  # guards _open, _locks and the counters; never held during model or disk work
+        self.counters = {"opens": 0, "evictions": 0, "commits": 0}
+        self._commit_ms: deque[float] = deque(maxlen=4096)  # the latest commits' durations
         self._sweep()
 
     def _sweep(self) -> None:
@@ -109,8 +113,12 @@ class SessionRegistry:
     def use(self, sid: str) -> Iterator[Session]:
         """Hold the session's lock and yield it open (opening it, and evicting idle ones, when needed)."""
         check_session_id(sid)
-        with self.lock_for(sid):
-            yield self._get_or_open(sid)
+        try:
+            with self.lock_for(sid):
+                yield self._get_or_open(sid)
+        finally:
+            if len(self._open) > self.cfg.max_open:  # sessions that were busy when the LRU last overflowed
+                self._trim()
 
     def is_open(self, sid: str) -> bool:
         with self._reg:
@@ -127,22 +135,29 @@ class SessionRegistry:
                 self._open.move_to_end(sid)
                 return s
         s = self._load(sid)  # slow (store, GistNet, LensNet); the session lock keeps it single
-        victims = []
         with self._reg:
             self._open[sid] = s
+            self.counters["opens"] += 1
+        self._trim(keep=sid)
+        return s
+
+    def _trim(self, keep: str | None = None) -> None:
+        """Close (save) least recently used idle sessions until at most ``max_open`` stay open."""
+        victims = []
+        with self._reg:
             for vid in list(self._open):  # least recently used first
                 if len(self._open) <= self.cfg.max_open:
                     break
                 lock = self._locks[vid]
-                if vid != sid and lock.acquire(blocking=False):  # busy sessions are skipped, not waited for
+                if vid != keep and lock.acquire(blocking=False):  # busy sessions are skipped, not waited for
                     victims.append((self._open.pop(vid), lock))
+                    self.counters["evictions"] += 1
         for v, lock in victims:
             try:
                 log.info("evicting session %s (LRU of %d)", v.sid, self.cfg.max_open)
                 self._close(v)
             finally:
                 lock.release()
-        return s
 
     # ------------------------------------------------------------------ open / create / delete
     def session_dir(self, sid: str) -> Path:
@@ -266,11 +281,26 @@ class SessionRegistry:
     # ------------------------------------------------------------------ durability
     def commit(self, s: Session) -> None:
         """Make everything done on ``s`` durable before it is acknowledged: the one commit point."""
+        t0 = time.perf_counter()
         s.mc.save()
         text = json.dumps(s.state, sort_keys=True)
         if text != s._saved_state:
             _write_state(s.path / STATE, s.state, self.cfg.durable)
             s._saved_state = text
+        with self._reg:
+            self.counters["commits"] += 1
+            self._commit_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def stats(self) -> dict:
+        """Counters since start-up and the latency of the latest commits (milliseconds)."""
+        with self._reg:
+            ms = sorted(self._commit_ms)
+            out = {"open_sessions": len(self._open), "max_open": self.cfg.max_open, **self.counters}
+        if ms:
+            q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else [ms[0]] * 99
+            out["commit_ms"] = {"n": len(ms), "mean": round(statistics.fmean(ms), 3), "p50": round(q[49], 3),
+                                "p99": round(q[98], 3)}
+        return out
 
     def _close(self, s: Session) -> None:
         try:

@@ -190,6 +190,9 @@ def test_lru_evicts_idle_sessions_and_reopens_them_intact(server):
         for k in (1, 2, 3):
             text = c.get(f"/v1/sessions/lru-{k}/text").json()["text"]
             assert sorted(int(m) for m in re.findall(r" x(\d+)", text)) == [i for i in range(12) if i % 3 + 1 == k]
+        stats = c.get("/v1/stats").json()
+        assert stats["evictions"] >= 2 and stats["open_sessions"] <= 2 and stats["commit_ms"]["p50"] > 0
+        assert stats["rss_mib"] > 0
 
 
 def test_score_text_focus_map_and_telemetry(server):
