@@ -83,7 +83,8 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = {"cpu": cpu, "cores": cores, "ram_gib": mem, "python": platform.python_version()}
+    out = {"cpu": cpu, "cores": cores, "ram_gib": mem, "python": platform.python_version(),
+           "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     try:
         import torch
 
@@ -256,7 +257,9 @@ def render(runs: dict) -> str:
         hw = f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         lines += ["", f"## {label}", "",
                   f"- command: `{r['command']}`", f"- commit: `{r['commit']}`",
-                  f"- machine (where the benchmark ran): {hw}; Python {m['python']}, torch {m.get('torch', '?')}",
+                  f"- machine (where the benchmark ran): {hw}; Python {m['python']}, torch {m.get('torch', '?')}; "
+                  f"1-minute load average {m.get('load_avg_1m', '?')} before, {m.get('load_avg_1m_after', '?')} "
+                  "after (includes the server; above the core count, other jobs shared the machine)",
                   f"- server: {r['server']}; device {c['device']}, {c['workers']} workers, LRU {c['max_open']}, "
                   f"durable={c['durable']}; sessions: focus {c['focus']}, w_max {c['w_max']}"
                   + (f"; start-up {r['startup_s']} s" if r.get("startup_s") else ""),
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(LoadConfig, args, args.config)
     result = run(cfg)
+    if hasattr(os, "getloadavg"):  # other jobs on a shared machine inflate latency: say how busy it was
+        result["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     label = cfg.label or (f"{'gpu' if result['machine'].get('gpu') else 'cpu'}-{result['machine']['cores']}core-"
                           f"{cfg.sessions}x{cfg.turns}" + ("" if cfg.durable else "-nofsync")
                           + (f"-lru{cfg.max_open}" if cfg.max_open < cfg.sessions else ""))
