@@ -177,10 +177,11 @@ def create_app(service: MemoryService, token: str | None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
-        out = service.models()
+        out = service.models()  # OpenAI's list shape holds the base models; checkpoints are listed beside it
         return {"object": "list", "default_base": out["default_base"],
-                "data": [{"id": m["name"], "object": "model", "owned_by": "megacontext", "kind": m["kind"]}
-                         for m in out["models"]]}
+                "data": [{"id": m["name"], "object": "model", "owned_by": "megacontext"}
+                         for m in out["models"] if m["kind"] == "base"],
+                "checkpoints": [m for m in out["models"] if m["kind"] != "base"]}
 
     @app.get("/v1/stats", dependencies=auth)
     async def stats():

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 STORE, STATE = "store", "serve.json"
 STORE_LOCK = "LOCK"  # the tree's cross-process lock file inside a store (megacontext.tree's flock)
 _TMP_PREFIX = (".creating-", ".deleting-")
+_SWEEP_AGE_S = 600  # a creation takes well under a second; older temporary directories are a crash's leftovers
 # the working context needs about one slot per 1,024 tokens of history beyond its protected raw suffix and ~60
 # slots of partial blocks (megacontext.wc_window.reach); the server stays 10% below that so no append can push a
 # session past what its budget can tile
@@ -98,11 +99,14 @@ class SessionRegistry:
         self._sweep()
 
     def _sweep(self) -> None:
-        """Remove what a crash left of a creation or a deletion (never a session: those names are not ids)."""
+        """Remove what a crash left of a creation or a deletion (never a session: those names are not ids). Only
+        old leftovers: another server on the same data root may be creating a session right now."""
+        now = time.time()
         for p in self.root.iterdir():
-            if p.name.startswith(_TMP_PREFIX):
-                log.info("removing leftover %s", p)
-                shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if p.name.startswith(_TMP_PREFIX) and now - p.stat().st_mtime > _SWEEP_AGE_S:
+                    log.info("removing leftover %s", p)
+                    shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ locks and the LRU
     def lock_for(self, sid: str) -> threading.Lock:

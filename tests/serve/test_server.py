@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 def server(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("serve")
     s = Server(root / "data", tiny_model_path, "--max-open", "2", "--max-body-bytes", "65536",
-               "--max-new-tokens", "64")
+               "--max-new-tokens", "2000")
     yield s
     assert s.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
 
@@ -103,7 +103,7 @@ def test_bad_requests_get_a_one_line_reason(server):
             c.post("/v1/sessions/bad/append", json={"text": 5}),  # wrong type
             c.post("/v1/sessions/bad/append", json={"text": "x", "extra": 1}),  # unknown field
             c.post("/v1/sessions/bad/append", content=b"{not json", headers={"Content-Type": "application/json"}),
-            c.post("/v1/sessions/bad/generate", json={"max_new_tokens": 65}),  # above --max-new-tokens
+            c.post("/v1/sessions/bad/generate", json={"max_new_tokens": 2001}),  # above --max-new-tokens
             c.post("/v1/sessions/bad/generate", json={"top_p": 0}),
             c.post("/v1/sessions/bad/generate", json={"prompt": ""}),  # empty memory, empty prompt
             c.post("/v1/sessions/missing/append", json={"text": "x"}),
@@ -141,6 +141,17 @@ def test_generation_streams_as_server_sent_events(server):
         # a refusal before the stream starts is a plain 4xx, not a 200 stream
         r = c.post("/v1/sessions/missing/generate", json={"prompt": "x", "stream": True})
         assert r.status_code == 404 and _err(r)
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    with server.client() as c:
+        c.post("/v1/sessions", json={"id": "gone"})
+        n0 = c.post("/v1/sessions/gone/append", json={"text": "hello there\n"}).json()["num_tokens"]
+        with c.stream("POST", "/v1/sessions/gone/generate", json={"prompt": "x", "max_new_tokens": 2000,
+                                                                  "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data:"))  # one token, then hang up
+        after = c.post("/v1/sessions/gone/append", json={"text": "next"}).json()  # waits for the generation to end
+        assert after["num_tokens"] - n0 < 1000  # stopped long before its 2,000 tokens, and committed
 
 
 def test_concurrent_requests_on_one_session_stay_ordered(server):
