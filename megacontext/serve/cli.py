@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import logging
 
-from megacontext.config import add_config_args, config_from_args
+from megacontext.config import ConfigError, add_config_args, config_from_args
 from megacontext.serve.config import ServeConfig
 from megacontext.serve.protocol import TOKEN_ENV
 
@@ -70,14 +70,26 @@ def _service(cfg: ServeConfig):
     return MemoryService(cfg)  # loads the default base model
 
 
-def cmd_serve(args) -> int:
-    import uvicorn
+def _require_extra(*modules: str) -> None:
+    """One clear line (exit 2) instead of an ImportError traceback when the serve extra is missing."""
+    import importlib.util
 
-    from megacontext.serve.app import create_app
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not installed: this command needs the serve extra "
+                          "(pip install -e '.[serve]')")
+
+
+def cmd_serve(args) -> int:
     from megacontext.serve.config import read_token
 
     cfg = config_from_args(ServeConfig, _flags(args), args.config)
     token = read_token(cfg)  # before loading anything: a server without a token must not start
+    _require_extra("fastapi", "uvicorn")
+    import uvicorn
+
+    from megacontext.serve.app import create_app
+
     service = _service(cfg)
     app = create_app(service, token)
     auth = "bearer token required" if token else "NO AUTHENTICATION (--insecure-local)"
@@ -88,6 +100,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_mcp(args) -> int:
+    cfg = config_from_args(ServeConfig, _flags(args), args.config)
+    _require_extra("mcp", "httpx")
     from megacontext.serve.mcp_server import LocalBackend, build_server
 
     if args.url:
@@ -95,7 +109,7 @@ def cmd_mcp(args) -> int:
 
         backend = MegaContextClient(args.url)
     else:
-        backend = LocalBackend(_service(config_from_args(ServeConfig, _flags(args), args.config)))
+        backend = LocalBackend(_service(cfg))
     try:
         build_server(backend).run("stdio")
     finally:

@@ -224,7 +224,10 @@ class SessionRegistry:
                 tmp.mkdir()
                 paths = {k: None if v is None else str(self.catalog.get(k, v).path)
                          for k, v in (("gistnet", gistnet), ("lensnet", lensnet))}
-                MegaContext.create(tmp / STORE, fb, config=config, durable=self.cfg.durable, **paths).close()
+                try:
+                    MegaContext.create(tmp / STORE, fb, config=config, durable=self.cfg.durable, **paths).close()
+                except ValueError as e:  # a checkpoint or config the API refuses (paths are the allow-list's)
+                    raise bad_request(f"session {sid!r} cannot be created: {e}") from e
                 _write_state(tmp / STATE, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                              self.cfg.durable)
                 try:

@@ -3,7 +3,8 @@
 ``MegaContext.generate`` stops *after* the token that completes a stop string, so its text (and the memory)
 ends with the stop string. A client wants the text before it, streamed without ever showing a piece of the
 stop string: text that might be the start of a stop string is held back until it is known not to be, and
-the stop string itself is never emitted. The end-of-sequence token's text counts as a stop string too.
+the stop string itself is never emitted. The end-of-sequence token's text counts as a stop string too. Which stop
+string ends the text is decided as the generation decides it: the first one to complete (the earliest end).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ class StopFilter:
         if self.stopped_on is not None:
             return ""
         self.buf += piece
-        hits = [(self.buf.find(s), s) for s in self.stops if s in self.buf]
+        # the stop string completed first (earliest end; the longest one on a tie), as the generation stopped there
+        hits = [(self.buf.find(s) + len(s), -len(s), s) for s in self.stops if s in self.buf]
         if hits:
-            at, s = min(hits)
-            out, self.buf, self.stopped_on = self.buf[:at], "", s
+            end, neg_len, s = min(hits)
+            out, self.buf, self.stopped_on = self.buf[: end + neg_len], "", s
             return out
         keep = self._held()
         out = self.buf[: len(self.buf) - keep]

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import tiny_llama
@@ -77,6 +76,8 @@ class Server:
         self._wait()
 
     def _wait(self, timeout: float = 60.0) -> None:
+        import httpx
+
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -90,7 +91,9 @@ class Server:
         self.stop()
         raise RuntimeError(f"server did not come up in {timeout}s:\n{self.log.read_text()[-3000:]}")
 
-    def client(self, token: str | None = "default", **kw) -> httpx.Client:
+    def client(self, token: str | None = "default", **kw):
+        import httpx
+
         token = self.token if token == "default" else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers={**headers, **kw.pop("headers", {})}, timeout=60, **kw)

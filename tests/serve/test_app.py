@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("httpx", reason="needs the serve extra: pip install -e '.[serve]'")
+
 from fastapi.testclient import TestClient
 
 from megacontext.serve.app import create_app

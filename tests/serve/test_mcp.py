@@ -9,6 +9,10 @@ import sys
 import anyio
 import pytest
 
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("mcp", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("httpx", reason="needs the serve extra: pip install -e '.[serve]'")
+
 from megacontext.api import EngineConfig
 from megacontext.serve.config import ServeConfig
 from megacontext.serve.mcp_server import LocalBackend, build_server

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("httpx", reason="needs the serve extra: pip install -e '.[serve]'")
+
 from tests.serve.conftest import TOKEN, Server
 
 pytestmark = pytest.mark.timeout(120)

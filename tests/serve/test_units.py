@@ -20,8 +20,10 @@ from megacontext.serve.stops import StopFilter
                                                                             max_size=4), max_size=3),
        cuts=st.lists(st.integers(0, 40), max_size=8))
 def test_stop_filter_emits_exactly_the_text_before_the_first_stop(text, stops, cuts):
-    hits = [text.find(s) for s in stops if s in text]
-    want = text[: min(hits)] if hits else text
+    # reference: read the text one character at a time; the first stop string to complete ends it
+    ends = [(e, -len(s)) for e in range(len(text) + 1) for s in stops if text[:e].endswith(s)]
+    hits = min(ends, default=None)
+    want = text[: hits[0] + hits[1]] if hits else text
     f, out, prev = StopFilter(stops), [], 0
     for c in sorted(set(cuts)) + [len(text)]:  # any split of the stream into pieces
         out.append(f.feed(text[prev:c]))
