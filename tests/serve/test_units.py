@@ -144,3 +144,13 @@ def test_cli_refuses_an_open_server_on_a_public_address(monkeypatch, capsys):
     assert "loopback" in capsys.readouterr().err
     assert main(["serve"]) == 2  # no token, not insecure: refused before anything loads
     assert "no bearer token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("cmd", "needle"), [("serve", "/v1/chat/completions"), ("mcp", "focus_map")])
+def test_help_documents_the_commands(cmd, needle, capsys):
+    from megacontext.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and needle in out and "--insecure-local" in out and "--max-body-bytes" in out
