@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from megacontext.config import Config, add_config_args, check, config_from_args
+from megacontext.core.config import Config, add_config_args, check, config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("ship", "harbour", "north", "captain", "logbook", "cargo", "storm", "anchor", "sail", "crew", "lantern",

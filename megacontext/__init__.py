@@ -12,7 +12,7 @@ imports included; units on one line are siblings and never import each other)::
     focus                      policies (recency, lexical, LensNet, oracles) and their evaluation
     runtime                    engine, sampling, telemetry, focus map
     api                        MegaContext (api.py), re-exported here with the public configs
-    demo | bench               the README demo | baselines and benchmark harness
+    demo | bench | serve       the README demo | baselines and benchmark harness | the memory service
     cli                        the ``megacontext`` command (``python -m megacontext``)
 
 ``from megacontext import MegaContext, EngineConfig`` works; the names are resolved on first use, so

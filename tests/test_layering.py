@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "runtime": 7,
     "api": 8,
     "": 9,  # the package facade megacontext/__init__.py (version; lazy re-export of the API and configs)
-    "demo": 10, "bench": 10,
+    "demo": 10, "bench": 10, "serve": 10,
     "cli": 11,
     "__main__": 12,
 }

@@ -25,7 +25,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("", "megacontext.cli.demo"),
     ("", "megacontext.cli.runtime"),
     ("", "megacontext.cli.bench"),
-    ("", "megacontext.serve.cli"),
+    ("", "megacontext.cli.serve"),
 ]
 
 GROUPS = {

@@ -13,7 +13,7 @@ Layers, each one module:
   server-sent events) and its OpenAI-style completions endpoints.
 - :mod:`~megacontext.serve.mcp_server`: the same operations as MCP tools.
 - :mod:`~megacontext.serve.client`: a thin httpx client.
-- :mod:`~megacontext.serve.cli`: ``register(subparsers)`` for ``serve`` and ``mcp``.
+- :mod:`~megacontext.cli.serve`: ``register(subparsers)`` for ``serve`` and ``mcp``.
 
 Only the public API is used: :class:`megacontext.api.MegaContext`, :class:`megacontext.base.FrozenBase`,
 the engine config and the telemetry/viz readers. Nothing outside this package imports it.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megacontext.api import EngineConfig  # the engine config, re-exported by the public API
-from megacontext.config import Config, ConfigError, check
+from megacontext.core.config import Config, ConfigError, check
 from megacontext.serve.protocol import TOKEN_ENV
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

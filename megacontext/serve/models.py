@@ -18,10 +18,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from megacontext.api import DEFAULT_BASE, DEFAULT_GISTNET
 from megacontext.base import FrozenBase
-from megacontext.checkpoint import CheckpointError, read_checkpoint_meta
-from megacontext.config import ConfigError
+from megacontext.core.assets import EMBEDDED, AssetError, embedded
+from megacontext.core.checkpoint import CheckpointError, read_checkpoint_meta
+from megacontext.core.config import ConfigError
 from megacontext.serve.errors import bad_request
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,13 @@ KINDS = ("base", "gistnet", "lensnet")
 
 def embedded_models() -> list[Path]:
     """The models shipped with the package (the base, and its GistNet and LensNet when present)."""
-    lensnet = DEFAULT_BASE.parent / "lensnet-19m"
-    return [p for p in (DEFAULT_BASE, DEFAULT_GISTNET, lensnet) if p.is_dir()]
+    found = []
+    for name in EMBEDDED:
+        try:
+            found.append(embedded(name))
+        except AssetError:
+            continue
+    return found
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megacontext.api import TELEMETRY_FILE, EngineConfig
-from megacontext.config import Config, ConfigError, check
+from megacontext.core.config import Config, ConfigError, check
+from megacontext.runtime.telemetry import read_jsonl, summarise
 from megacontext.serve.chat import ChatFormat, ChatMessage, record_reply, text_to_append
 from megacontext.serve.config import ServeConfig
 from megacontext.serve.errors import ServeError, bad_request
 from megacontext.serve.models import ModelCatalog
 from megacontext.serve.sessions import STORE, Session, SessionRegistry, check_session_id
 from megacontext.serve.stops import StopFilter
-from megacontext.telemetry import read_jsonl, summarise
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class MemoryService:
         steps = self._steps(sid)
         if not steps:
             raise ServeError(409, f"session {sid!r} has no refocus steps yet (append some text first)")
-        from megacontext.viz import ascii_map, render_html  # matplotlib: only loaded when a map is asked for
+        from megacontext.runtime.viz import ascii_map, render_html  # matplotlib: only loaded when a map is asked for
 
         if fmt == "ascii":
             return ascii_map(steps, width=100, height=16)

@@ -50,7 +50,7 @@ STORE_LOCK = "LOCK"  # the tree's cross-process lock file inside a store (megaco
 _TMP_PREFIX = (".creating-", ".deleting-")
 _SWEEP_AGE_S = 600  # a creation takes well under a second; older temporary directories are a crash's leftovers
 # the working context needs about one slot per 1,024 tokens of history beyond its protected raw suffix and ~60
-# slots of partial blocks (megacontext.wc_window.reach); the server stays 10% below that so no append can push a
+# slots of partial blocks (megacontext.wc.tiling.reach); the server stays 10% below that so no append can push a
 # session past what its budget can tile
 _SLOTS_OVERHEAD, _TOKENS_PER_SLOT, _MARGIN = 64, 1024, 0.9
 

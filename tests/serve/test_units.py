@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.config import ConfigError
+from megacontext.core.config import ConfigError
 from megacontext.serve.chat import ChatFormat, ChatMessage, record_reply, text_to_append
 from megacontext.serve.config import ServeConfig, read_token
 from megacontext.serve.errors import ServeError
@@ -106,7 +106,7 @@ def test_bad_session_ids_are_refused(sid):
 
 def test_capacity_stays_below_what_the_budget_can_tile():
     from megacontext.api import EngineConfig
-    from megacontext.wc_window import reach
+    from megacontext.wc.tiling import reach
 
     for w_max, recent in ((160, 64), (1024, 128), (4096, 256)):
         cfg = EngineConfig.from_dict({"wc": {"w_max": w_max, "recent_raw": recent}})

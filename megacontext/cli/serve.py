@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import logging
 
-from megacontext.config import ConfigError, add_config_args, config_from_args
+from megacontext.core.config import ConfigError, add_config_args, config_from_args
 from megacontext.serve.config import ServeConfig
 from megacontext.serve.protocol import TOKEN_ENV
 
