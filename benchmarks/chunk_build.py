@@ -29,6 +29,7 @@ from megacontext.bench.chunk_contexts import ChunkBuild, PrefixHistory, build_wa
 from megacontext.bench.registry import build_system
 from megacontext.bench.scoring import chunk_bounds
 from megacontext.bench.system import Sample
+from megacontext.core.assets import BASE_MODEL
 from megacontext.core.lod import BLOCK
 from megacontext.core.provenance import run_info
 from megacontext.focus import RecencyFocus
@@ -70,7 +71,7 @@ def _engine_path(system, sample, history, bounds, w_max) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default=str(REPO / "models" / "base-llama-19m"))
+    ap.add_argument("--base", default=BASE_MODEL, help="base model: an embedded name, a directory or a hub id")
     ap.add_argument("--books", default=str(REPO.parent / "shared" / "data" / "books" / "dev"))
     ap.add_argument("--history", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=128)

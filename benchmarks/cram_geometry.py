@@ -31,8 +31,8 @@ from megacontext.gistnet.windows import open_windows
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="base-llama-19m")
-    ap.add_argument("--gistnet", default="gistnet-19m")
+    ap.add_argument("--base", default="base-llama-19m-v2")
+    ap.add_argument("--gistnet", default="gistnet-19m-v2")
     ap.add_argument("--cache", required=True)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)

@@ -36,7 +36,7 @@ def main() -> None:
                          position_mode=mode, gistnet=gist, reference=False)
         rep = run_demo(cfg, say=lambda s: None)
         for f in rep["facts"]:
-            rows.append({"gists": "gistnet-19m" if gist == "auto" else "meanpool", "positions": mode,
+            rows.append({"gists": "gistnet-19m-v2" if gist == "auto" else "meanpool", "positions": mode,
                          "recent_raw": recent, "answer": f["answer"].strip(), **{k: round(v, 2)
                                                                                  for k, v in f["nll"].items()},
                          "recalled_lexical": f["recalled"]["megacontext+lexical"]})

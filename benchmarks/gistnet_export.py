@@ -1,6 +1,6 @@
 """Ship a GistNet training checkpoint as a bf16 copy (half the bytes; what ``megacontext/assets/models/`` holds).
 
-    python benchmarks/gistnet_export.py RUN_DIR OUT_DIR [--base base-llama-19m]
+    python benchmarks/gistnet_export.py RUN_DIR OUT_DIR [--base base-llama-19m-v2]
 
 Keeps the checkpoint's ``step``, ``train_config``, ``levels`` and ``lod1_weights_hash`` metadata; the stored
 ``weights_hash`` is that of the bf16 weights (what loading reproduces).
@@ -40,7 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src")
     ap.add_argument("dst")
-    ap.add_argument("--base", default="base-llama-19m")
+    ap.add_argument("--base", default="base-llama-19m-v2")
     ap.add_argument("--check-cache", default=None, help="token cache whose blocks feed the collapse check")
     ap.add_argument("--max-cos", type=float, default=0.98, help="refuse when mean gist cosine similarity exceeds it")
     ap.add_argument("--force", action="store_true", help="export even when the collapse check fails")

@@ -25,7 +25,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--books", default=str(SHARED), help="folder with train_0*.txt.xz and dev/")
-    ap.add_argument("--tokenizer", default="base-llama-19m")
+    ap.add_argument("--tokenizer", default="base-llama-19m-v2")
     ap.add_argument("--out", default="carry/tokens")
     ap.add_argument("--train-chars", type=int, default=26_500_000)  # ~7.1M tokens at ~3.7 chars/token
     ap.add_argument("--dev-chars", type=int, default=4_000_000)

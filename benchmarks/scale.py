@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_report import commit, machine, merge_section  # noqa: E402
 
 from megacontext.base import FrozenBase  # noqa: E402
+from megacontext.core.assets import BASE_MODEL  # noqa: E402
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig  # noqa: E402
 
 MB = 1 << 20
@@ -305,7 +306,7 @@ def parse_ints(s: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("part", choices=["ingest", "cost", "ddp", "quick"])
-    p.add_argument("--base", default=str(REPO / "models" / "base-llama-19m"))
+    p.add_argument("--base", default=BASE_MODEL, help="base model: an embedded name, a directory or a hub id")
     p.add_argument("--cache", default="", help="token cache directory; empty = seeded random ids")
     p.add_argument("--device", default="auto")
     p.add_argument("--results", default=str(REPO / "docs" / "results"))

@@ -8,7 +8,7 @@
 #               still on the machine, else rebuilds it first). Split them if one call cannot take both.
 #   GPU side, two GPUs (carry: carry/scale):  bash benchmarks/scale.sh gpu2
 #       (c) GistNet training tokens/s with torchrun on 1 then 2 GPUs (same per-rank batch).
-# Env: BASE (default: the embedded base-llama-19m), GISTNET / LENSNET (checkpoints; default: untrained weights, same cost),
+# Env: BASE (default: the embedded base-llama-19m-v2), GISTNET / LENSNET (checkpoints; default: untrained weights, same cost),
 #      OUT (results dir; default docs/results), TOKENS (default 100000000), PYTHON.
 # Output: $OUT/scale.{json,md}; every section records its command, commit and machine. With OUT=$OUT on a device
 #   run, fold the fetched files into docs/results afterwards:
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: scale.sh stage|gpu1|ingest|cost|gpu2}
 py=${PYTHON:-python}
-base=${BASE:-base-llama-19m}
+base=${BASE:-base-llama-19m-v2}
 cache=carry/scale/books_tokens
 out=${OUT:-docs/results}
 tokens=${TOKENS:-100000000}

@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megacontext.core.assets import BASE_MODEL, embedded
 from megacontext.core.provenance import git_commit
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
-EMBED = REPO / "models" / "base-llama-19m" / "model.safetensors"
+EMBED = embedded(BASE_MODEL) / "model.safetensors"
 CHUNK = 1 << 20
 log = logging.getLogger("bench.tree_store")
 
@@ -58,7 +59,7 @@ def load_table() -> tuple[torch.Tensor, str]:
 
         with safe_open(str(EMBED), "pt") as f:
             name = next(k for k in f.keys() if "embed_tokens" in k)  # noqa: SIM118 (safe_open is not a dict)
-            return f.get_tensor(name).float(), "base-llama-19m embed_tokens"
+            return f.get_tensor(name).float(), f"{BASE_MODEL} embed_tokens"
     torch.manual_seed(0)
     return torch.randn(16384, 384) * 0.02, "random [16384, 384]"
 

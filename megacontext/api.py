@@ -1,6 +1,6 @@
 """Python API: a persistent memory (store directory + base model + checkpoints) you can talk to.
 
-    with MegaContext.create("stores/notes") as mc:      # the embedded base-llama-19m; any HF causal LM works
+    with MegaContext.create("stores/notes") as mc:      # the embedded base-llama-19m-v2; any HF causal LM works
         mc.ingest(open("book.txt").read())
         print(mc.generate("The name of the ship was", max_new_tokens=16))
     with MegaContext.open("stores/notes") as mc:       # same memory, same working context
@@ -112,7 +112,7 @@ class MegaContext:
                gistnet_lod2: str | None = None, lensnet: str | None = None, config: EngineConfig | None = None,
                device: str | None = None, dtype: str | None = None, durable: bool = True) -> MegaContext:
         """A new, empty memory in ``store`` (which must not exist or be empty). ``gistnet``: a checkpoint,
-        None for mean-pooled gists, or "auto": the embedded ``gistnet-19m`` when it was trained for
+        None for mean-pooled gists, or "auto": the embedded ``gistnet-19m-v2`` when it was trained for
         this base model, else mean pooling. ``gistnet_lod2``: a LOD2 checkpoint trained on that GistNet
         (``train gistnet --level 2 --lod1 ...``); without it LOD2 gists are mean-pooled LOD1 gists unless
         the GistNet checkpoint trained its own level 2."""

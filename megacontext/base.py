@@ -96,7 +96,7 @@ class FrozenBase:
     @classmethod
     def load(cls, name_or_path: str, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None) -> FrozenBase:
-        """Load any HF causal LM from a local directory, an embedded model name (``base-llama-19m``, see
+        """Load any HF causal LM from a local directory, an embedded model name (``base-llama-19m-v2``, see
         :mod:`megacontext.core.assets`) or a hub id (hub ids need network or cache)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

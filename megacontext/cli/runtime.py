@@ -18,9 +18,9 @@ from megacontext.core.config import add_config_args, config_from_args
 def _store_args(p: argparse.ArgumentParser, create: bool) -> None:
     p.add_argument("store", help="memory store directory")
     p.add_argument("--base", default=None, help="base model directory, embedded model name or hub id (default: the "
-                                                "store's, or the embedded base-llama-19m for a new store)")
+                                                "store's, or the embedded base-llama-19m-v2 for a new store)")
     p.add_argument("--gistnet", default=None, help="GistNet checkpoint directory, or 'none' for mean-pooled gists "
-                                                   "(default: the store's; for a new store the embedded gistnet-19m "
+                                                   "(default: the store's; for a new store the embedded gistnet-19m-v2 "
                                                    "when it matches the base model)")
     p.add_argument("--lensnet", default=None, help="LensNet checkpoint directory (for --focus lensnet)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")

@@ -1,9 +1,11 @@
 """Embedded models: where the small base model and its trained checkpoints are found at run time.
 
 The package ships three model folders as package data (``megacontext/assets/models/``):
-``base-llama-19m`` (the stand-in frozen base), ``gistnet-19m`` and ``lensnet-19m`` (checkpoints trained
+``base-llama-19m-v2`` (the stand-in frozen base), ``gistnet-19m-v2`` and ``lensnet-19m-v2`` (checkpoints trained
 for it). Code names them by name, never by a path relative to the repository, so a non-editable
-install run from any directory finds them.
+install run from any directory finds them. v2 of the base (``standin/``, docs/results/standin_base.md)
+replaced v1 (``base-llama-19m``, with ``gistnet-19m`` and ``lensnet-19m`` made for it) as the embedded
+default; v1 stays in git history and in ``../shared/models/`` for comparisons.
 
 Resolution order of an embedded name
 1. ``$MEGACONTEXT_MODELS/<name>`` when the environment variable is set (a directory holding model
@@ -23,9 +25,9 @@ from pathlib import Path
 
 ENV_VAR = "MEGACONTEXT_MODELS"
 PACKAGED = Path(__file__).resolve().parents[1] / "assets" / "models"
-BASE_MODEL = "base-llama-19m"
-GISTNET_MODEL = "gistnet-19m"
-LENSNET_MODEL = "lensnet-19m"
+BASE_MODEL = "base-llama-19m-v2"
+GISTNET_MODEL = "gistnet-19m-v2"
+LENSNET_MODEL = "lensnet-19m-v2"
 EMBEDDED = (BASE_MODEL, GISTNET_MODEL, LENSNET_MODEL)
 
 

@@ -1,7 +1,7 @@
 """``megacontext demo``: a long generated ship's log, the focus moving, and early facts recalled (or not).
 
-What it does, offline, on the embedded base model (``base-llama-19m``, see :mod:`megacontext.core.assets`)
-and, when present, the trained GistNet (``gistnet-19m``; mean-pooled gists otherwise):
+What it does, offline, on the embedded base model (``base-llama-19m-v2``, see :mod:`megacontext.core.assets`)
+and, when present, the trained GistNet (``gistnet-19m-v2``; mean-pooled gists otherwise):
 1. generates a ship's log (:mod:`megacontext.demo.input`) with facts planted in its first 15%;
 2. ingests it into two memories with the same budget ``w_max``: one with the recency focus only, one with
    the query-aware focus (``lexical`` by default), printing the focus map as it changes;
@@ -59,7 +59,7 @@ class DemoConfig(Config):
     position_mode: Literal["absolute", "compact"] = "compact"  # RoPE positions of the slots (see --wc.position-mode)
     focus: str = "lexical"  # the query-aware policy (lexical, or lensnet with a checkpoint)
     lensnet: str | None = None
-    gistnet: str = "auto"  # auto (the embedded gistnet-19m when it fits the base) | none (mean pooling) | a checkpoint
+    gistnet: str = "auto"  # auto (embedded gistnet-19m-v2 when it fits the base) | none (mean pooling) | a checkpoint
     answer_tokens: int = 8  # greedy completion length
     distractors: int = 7  # forced choice among the true answer and this many same-kind alternatives
     reference: bool = True  # also read the whole history raw (slow on CPU for long logs)

@@ -1,5 +1,6 @@
-"""Fixtures for the stand-in recipe's tests: the real tokenizer (from the repo's v1 model dir), a tiny random
-Llama with that vocabulary, tiny generated corpora (no third-party text)."""
+"""Fixtures for the stand-in recipe's tests: the real tokenizer (v1 and v2 share it: the embedded v2 model
+dir has it), a tiny random Llama with that vocabulary, tiny generated corpora (no third-party text). Tests
+that need the real v1 weights find them in ../shared/models/ and skip without it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-V1_CANDIDATES = (REPO / "megacontext" / "assets" / "models" / "base-llama-19m", REPO / "models" / "base-llama-19m")
+V1_CANDIDATES = (REPO.parent / "shared" / "models" / "base-llama-19m",)
+TOKENIZER_DIR = REPO / "megacontext" / "assets" / "models" / "base-llama-19m-v2"  # v1's tokenizer, unchanged
 
 
 def v1_dir() -> Path | None:
@@ -21,10 +23,9 @@ def v1_dir() -> Path | None:
 
 @pytest.fixture(scope="session")
 def tok_dir() -> Path:
-    d = v1_dir()
-    if d is None:
-        pytest.skip("the v1 stand-in model dir (tokenizer) is not in this checkout")
-    return d
+    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"the stand-in tokenizer ({TOKENIZER_DIR}) is not in this checkout")
+    return TOKENIZER_DIR
 
 
 @pytest.fixture(scope="session")
