@@ -22,12 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from megacontext.core.lod import BLOCK, MAX_LEVEL, complete_entries
 from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
 from megacontext.tree.format import DTYPES, GIST_DTYPES
+
+_INT32_IDS = 2**31  # LOD0 stores int32 ids
 
 
 def check_range(what: str, start: int, end: int, limit: int) -> None:
@@ -58,6 +61,27 @@ def check_indices(what: str, indices: Tensor, limit: int) -> Tensor:
             bad = int(lo) if lo < 0 else int(hi)
             raise IndexError(f"{what} index {bad} is outside [0, {limit})")
     return idx
+
+
+def as_token_array(ids, vocab_size: int | None = None) -> np.ndarray:
+    """Token ids (tensor, array or list) -> int32 [n], refusing non-integers (TypeError) and ids outside
+    ``[0, vocab_size)`` (ValueError naming the id; without a vocabulary, the int32 range)."""
+    if isinstance(ids, Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, got a {ids.dtype} tensor")
+        arr = ids.detach().cpu().numpy()
+    else:
+        arr = np.asarray(ids)
+    arr = arr.reshape(-1)
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        limit = vocab_size or _INT32_IDS
+        if lo < 0 or hi >= limit:
+            where = f"the vocabulary of {vocab_size}" if vocab_size else f"[0, {_INT32_IDS - 1}]"
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside {where} (ids must lie in [0, {limit}))")
+    return arr.astype(np.int32)
 
 
 def gather_by_runs(read_range: Callable[[int, int], Tensor], indices: Tensor) -> Tensor:

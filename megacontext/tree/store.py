@@ -36,7 +36,6 @@ Invariants
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,31 +43,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from megacontext.core.config import Config, check
-from megacontext.core.lod import BLOCK, MAX_LEVEL, complete_entries
-from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
-from megacontext.tree.format import GIST_DTYPES, TOKEN_DTYPE, Header, TreeFormatError
-from megacontext.tree.history import check_gist_level, check_indices, check_level, check_range, gist_torch_dtype
-from megacontext.tree.layout import (
-    BASE_LEVELS,
-    existing_levels,
-    level_name,
-    lock,
-    needed_rows,
-    open_gist_files,
-    read_meta,
-    reconcile,
-    unlock,
-    write_meta,
+from megacontext.core.lod import BLOCK, complete_entries
+from megacontext.tree.commit import plan_commit, write_commit
+from megacontext.tree.compressor import Compressor
+from megacontext.tree.format import GIST_DTYPES, TOKEN_DTYPE, Header
+from megacontext.tree.history import (
+    as_token_array,
+    check_gist_level,
+    check_indices,
+    check_level,
+    check_range,
+    gist_torch_dtype,
 )
-from megacontext.tree.level_file import LevelFile, fsync_dir, sum_path
+from megacontext.tree.layout import existing_levels, level_name, unlock, write_meta
+from megacontext.tree.level_file import LevelFile, sum_path
+from megacontext.tree.opening import create_files, open_files
+from megacontext.tree.rebuild import build_levels, install
 
 log = logging.getLogger(__name__)
-
-_MAX_TOKEN_ID = 2**31 - 1
-
 
 class CommitFailedError(RuntimeError):
     """A commit of this store failed half-way (e.g. the disk filled); the object refuses further writes."""
@@ -90,33 +84,6 @@ class TreeConfig(Config):
         check(self.commit_tokens >= 1, f"commit_tokens={self.commit_tokens} must be >= 1")
         check(self.commit_seconds >= 0, f"commit_seconds={self.commit_seconds} must be >= 0")
         check(1 <= self.checksum_rows <= 1 << 20, f"checksum_rows={self.checksum_rows}; expected 1..{1 << 20}")
-
-
-def _to_rows(gists: Tensor) -> np.ndarray:
-    """Gists in their storage torch dtype -> numpy rows as written to disk."""
-    g = gists.contiguous()
-    return (g.view(torch.int16) if g.dtype == torch.bfloat16 else g).numpy()
-
-
-def as_token_array(ids, vocab_size: int | None = None) -> np.ndarray:
-    """Token ids (tensor, array or list) -> int32 [n], refusing non-integers and ids outside the vocabulary."""
-    if isinstance(ids, Tensor):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"token ids must be integers, got a {ids.dtype} tensor")
-        arr = ids.detach().cpu().numpy()
-    else:
-        arr = np.asarray(ids)
-    arr = arr.reshape(-1)
-    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-        raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-    if arr.size:
-        lo, hi = int(arr.min()), int(arr.max())
-        limit = vocab_size if vocab_size else _MAX_TOKEN_ID + 1
-        if lo < 0 or hi >= limit:
-            bad = lo if lo < 0 else hi
-            where = f"the vocabulary of {vocab_size}" if vocab_size else f"[0, {_MAX_TOKEN_ID}]"
-            raise ValueError(f"token id {bad} is outside {where} (ids must lie in [0, {limit}))")
-    return arr.astype(np.int32)
 
 
 class MegaContextTree:
@@ -143,26 +110,12 @@ class MegaContextTree:
         """A new store. ``vocab_size`` (the base model's embedding rows) is recorded, and appends of ids outside
         it are refused."""
         config = config or TreeConfig()
-        gist_dtype = gist_dtype or config.gist_dtype
-        gist_torch_dtype(gist_dtype)  # validates
-        if compressor.d_model != d_model:
-            raise ValueError(f"compressor.d_model={compressor.d_model} but d_model={d_model}")
-        if vocab_size is not None and not 0 < vocab_size <= _MAX_TOKEN_ID + 1:
-            raise ValueError(f"vocab_size={vocab_size}; expected 1..{_MAX_TOKEN_ID + 1}")
         root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise NotADirectoryError(f"{root} is not a directory")
-        if root.exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists and is not empty; open it or choose a new directory")
-        root.mkdir(parents=True, exist_ok=True)
-        c = config.checksum_rows
-        headers = [Header(0, d_model, TOKEN_DTYPE, 0, fingerprint, "", checksum_rows=c, vocab_size=vocab_size or 0)]
-        headers += [Header(lv, d_model, gist_dtype, 0, fingerprint, compressor.version, checksum_rows=c)
-                    for lv in range(1, BASE_LEVELS)]
-        tree = cls(root, [], compressor, config, np.zeros(0, np.int32), lock(root))
+        gist_dtype = gist_dtype or config.gist_dtype
+        files, lock_fd = create_files(root, d_model, fingerprint, compressor, gist_dtype, config.checksum_rows,
+                                      vocab_size, config.durable)
+        tree = cls(root, files, compressor, config, np.zeros(0, np.int32), lock_fd)
         try:
-            for lv, h in enumerate(headers):
-                tree._files.append(LevelFile.create(root / level_name(lv), h, config.durable))
             tree._write_meta()  # last: a directory without meta.json is not a store
         except BaseException:
             tree.abort()
@@ -178,75 +131,26 @@ class MegaContextTree:
 
         With ``rebuild=True`` a store made for another base model or compressor (or with damaged gist files)
         gets every gist level recomputed from LOD0; a matching store is opened as is. A store made before levels
-        above LOD2 existed gets the ones its history needs built when opened for writing."""
+        above LOD2 existed gets the ones its history needs built when opened for writing. ``recovery`` lists
+        what opening dropped or repaired."""
         config = config or TreeConfig()
         root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise NotADirectoryError(f"{root} is not a directory")
-        meta = read_meta(root)
-        legacy = meta.get("format_version") == 1
-        if rebuild and (readonly or compressor is None):
-            raise ValueError("rebuild=True needs a writable open and a compressor")
-        if not readonly and compressor is None:
-            raise ValueError("opening for writing needs a compressor (pass readonly=True to only read)")
-        lock_fd = None if readonly else lock(root)
-        files: list[LevelFile] = []
-        notes: list[str] = []
-        missing: list[int] = []
+        o = open_files(root, compressor, fingerprint, rebuild, readonly, config.durable)
+        tree = cls(root, o.files, compressor, config, o.tail, o.lock_fd)
+        tree.recovery = o.notes
+        n0 = o.files[0].count
+        tree._meta_written = (n0, tuple(o.tail.tolist())) if o.meta.get("num_blocks") == n0 else None
         try:
-            lod0 = LevelFile.open(root / level_name(0), 0, not readonly, config.durable)
-            files.append(lod0)
-            try:
-                files += open_gist_files(root, lod0, compressor, fingerprint, readonly, config.durable)
-                missing = [lv for lv in range(len(files), MAX_LEVEL + 1) if needed_rows(lv, lod0.count) > 0]
-                if missing and not legacy:
-                    raise TreeFormatError(root / level_name(missing[0]), "file",
-                                          f"missing, but LOD0 commits {lod0.count} blocks, which need "
-                                          f"{needed_rows(missing[0], lod0.count)} LOD{missing[0]} gists; the "
-                                          "store is damaged (gists can be recomputed with rebuild=True)")
-                if missing and readonly:
-                    raise TreeFormatError(root / level_name(missing[0]), "file",
-                                          f"missing: the store predates levels above LOD2 and its {lod0.count} "
-                                          f"blocks need LOD{missing[0]}; open it once for writing (not read-only) "
-                                          "to add them")
-                notes += reconcile(files)
-                stale = False
-            except TreeFormatError as e:  # mismatch or damaged gists: fatal unless rebuilding
-                if not rebuild:
-                    raise
-                log.warning("rebuilding gists of %s: %s", root, e)
-                for f in files[1:]:
-                    f.close()
-                del files[1:]
-                stale, missing = True, []
-        except BaseException:
-            for f in files:
-                f.close()
-            unlock(lock_fd)
-            raise
-        n0 = lod0.count
-        notes = [f"{f.path.name}: ignored {f.discarded_bytes} bytes of uncommitted rows" for f in files
-                 if f.discarded_bytes > 0] + notes
-        tail = np.asarray(meta.get("tail", []), np.int32) if meta.get("num_blocks") == n0 else np.zeros(0, np.int32)
-        if meta.get("num_blocks") != n0 and meta.get("tail"):
-            log.warning("%s: meta.json describes %s blocks, LOD0 commits %d; dropping its tail of %d tokens",
-                        root, meta.get("num_blocks"), n0, len(meta.get("tail", [])))
-            notes.append(f"meta.json: dropped a tail of {len(meta['tail'])} tokens that belonged to "
-                         f"{meta.get('num_blocks')} blocks (LOD0 commits {n0})")
-        tree = cls(root, files, compressor, config, tail, lock_fd)
-        tree.recovery = notes
-        tree._meta_written = (n0, tuple(tail.tolist())) if meta.get("num_blocks") == n0 else None
-        if not all(f.checksummed for f in files):
-            log.warning("%s was made before payload checksums (no checksums in %s): damage to its payload cannot "
-                        "be detected", root, ", ".join(f.path.name for f in files if not f.checksummed))
-        try:
-            if stale:
-                tree._rebuild_files(fingerprint or lod0.header.fingerprint,
-                                    meta.get("gist_dtype", config.gist_dtype))
-            elif missing:
-                tree._build_levels(missing[0])
-                tree.recovery.append(f"added LOD{missing[0]}..LOD{missing[-1]} to a store made before levels "
-                                     "above LOD2")
+            if o.stale:
+                tree._rebuild_files(fingerprint or o.files[0].header.fingerprint,
+                                    o.meta.get("gist_dtype", config.gist_dtype))
+            elif o.missing:
+                h1 = tree._files[1].header
+                tree._build(o.missing[0], h1.fingerprint, h1.dtype)
+                tree._write_meta()
+                tree.recovery.append(f"added LOD{o.missing[0]}..LOD{len(tree._files) - 1} to a store made before "
+                                     "levels above LOD2")
+                log.info("%s: %s", root, tree.recovery[-1])
         except BaseException:
             tree.abort()
             raise
@@ -266,72 +170,30 @@ class MegaContextTree:
     def _checksum_rows(self) -> int:
         return self._files[0].header.checksum_rows or self.config.checksum_rows
 
-    def _build(self, first_level: int, fingerprint: str, gist_dtype: str) -> list[Path]:
-        """Compute gist levels ``first_level``.. the history needs into ``LODk.build.ctx`` files (level by level,
-        reading the level below); returns their paths. Levels below ``first_level`` must be open in ``_files``."""
-        c, bsz, n0 = self.compressor, self.config.batch_blocks, self._files[0].count
-        dt = gist_torch_dtype(gist_dtype)
-        below = self._files[first_level - 1] if first_level > 1 else self._files[0]
-        built, paths = [], []
-        try:
-            for lv in range(first_level, MAX_LEVEL + 1):
-                need = needed_rows(lv, n0)
-                if lv >= BASE_LEVELS and need == 0:
-                    break
-                path = self.root / f"LOD{lv}.build.ctx"
-                h = Header(lv, c.d_model, gist_dtype, 0, fingerprint, c.version, checksum_rows=self._checksum_rows())
-                f = LevelFile.create(path, h, self.config.durable)
-                built.append(f)
-                paths.append(path)
-                src = need if lv == 1 else need * BLOCK  # rows of the level below that feed this one
-                for i in tqdm(range(0, src, bsz), desc=f"build LOD{lv}", unit="batch", disable=src <= bsz):
-                    rows = below.read_tensor(i, min(i + bsz, src))  # i is a multiple of bsz, itself of 32
-                    g = (gists_of_blocks(c, rows) if lv == 1 else gists_of_groups(c, rows, lv)).to(dt)  # [n, d]
-                    self._check_finite(g, lv)
-                    f.append_rows(_to_rows(g))
-                f.sync()
-                f.publish()
-                below = f
-            return paths
-        finally:
-            for f in built:
-                f.close()
-
-    def _install(self, paths: list[Path]) -> None:
-        """Rename built level files (and their checksum files) into place and open them."""
-        for p in paths:
-            lv = int(p.name.split(".")[0][3:])
-            os.replace(sum_path(p), self.root / f"LOD{lv}.sum")
-            os.replace(p, self.root / level_name(lv))
-        if self.config.durable:
-            fsync_dir(self.root)
-        for p in paths:
-            lv = int(p.name.split(".")[0][3:])
-            self._files.append(LevelFile.open(self.root / level_name(lv), lv, True, self.config.durable))
+    def _build(self, first_level: int, fingerprint: str, gist_dtype: str) -> None:
+        """Build gist levels ``first_level``.. from the open level below them and install them (see
+        :mod:`megacontext.tree.rebuild`)."""
+        cfg = self.config
+        paths = build_levels(self.root, self._files[first_level - 1], first_level, self._files[0].count,
+                             self.compressor, fingerprint, gist_dtype, self._checksum_rows(), cfg.batch_blocks,
+                             cfg.durable)
+        if first_level == 1:  # a rebuild: levels the old files had beyond the new ones go
+            for lv in range(len(paths) + 1, existing_levels(self.root)):
+                (self.root / level_name(lv)).unlink()
+                sum_path(self.root / level_name(lv)).unlink(missing_ok=True)
+        self._files += install(self.root, paths, cfg.durable)
 
     def _rebuild_files(self, fingerprint: str, gist_dtype: str) -> None:
         c, lod0 = self.compressor, self._files[0]
-        paths = self._build(1, fingerprint, gist_dtype)
-        for lv in range(len(paths) + 1, existing_levels(self.root)):  # levels the old files had beyond the new
-            (self.root / level_name(lv)).unlink()
-            (self.root / f"LOD{lv}.sum").unlink(missing_ok=True)
-        if (lod0.header.fingerprint, lod0.header.dim) != (fingerprint, c.d_model):
+        h0 = lod0.header
+        if (h0.fingerprint, h0.dim) != (fingerprint, c.d_model):
             lod0.write_header(Header(0, c.d_model, TOKEN_DTYPE, lod0.count, fingerprint, "",
-                                     format_version=lod0.header.format_version,
-                                     checksum_rows=lod0.header.checksum_rows, vocab_size=lod0.header.vocab_size,
-                                     tail_digest=lod0.header.tail_digest))
-        self._install(paths)
+                                     format_version=h0.format_version, checksum_rows=h0.checksum_rows,
+                                     vocab_size=h0.vocab_size, tail_digest=h0.tail_digest))
+        self._build(1, fingerprint, gist_dtype)
         self._write_meta()
         log.info("rebuilt the gists of %s (%s) with %s", self.root,
                  ", ".join(f"LOD{lv}: {f.count}" for lv, f in enumerate(self._files) if lv), c.version)
-
-    def _build_levels(self, first_level: int) -> None:
-        """Add the upper levels a store made before they existed needs (its lower levels are kept)."""
-        f1 = self._files[1].header
-        self._install(self._build(first_level, f1.fingerprint, f1.dtype))
-        self._write_meta()
-        log.info("%s: added LOD%d..LOD%d (a store made before levels above LOD2)", self.root, first_level,
-                 len(self._files) - 1)
 
     # ------------------------------------------------------------------ writing
     @property
@@ -403,51 +265,12 @@ class MegaContextTree:
         self._pending = [rest] if len(rest) else []
         self._pending_blocks -= n
 
-    @staticmethod
-    def _check_finite(g: Tensor, level: int, first: int = 0) -> None:
-        bad = ~torch.isfinite(g.float()).all(dim=-1)  # [n]
-        if bool(bad.any()):
-            rows = (bad.nonzero().flatten() + first).tolist()
-            raise ValueError(f"the compressor made non-finite LOD{level} gists (rows {rows[:5]}"
-                             f"{' ...' if len(rows) > 5 else ''}); nothing was committed")
-
     def _commit(self, n: int) -> None:
         """Compress the first n pending blocks and commit them (see the module docstring for the order)."""
-        files = self._files
-        dt = gist_torch_dtype(self.gist_dtype_name)
         ids = self._peek_pending(n)  # [n, 32] int32
-        new = {1: gists_of_blocks(self.compressor, torch.from_numpy(ids).long()).to(dt)}  # level -> [k, d]
-        self._check_finite(new[1], 1, files[1].count)
-        for lv in range(2, MAX_LEVEL + 1):  # parents completed by the new rows of the level below
-            below = files[lv - 1] if lv - 1 < len(files) else None
-            before = below.count if below is not None else 0
-            after = before + new[lv - 1].shape[0]
-            if after // BLOCK == before // BLOCK:
-                break
-            first = before // BLOCK * BLOCK  # start of the group the new rows continue
-            old = below.read_tensor(first, before) if before > first else new[lv - 1][:0]
-            pool = torch.cat([old, new[lv - 1]])[: after // BLOCK * BLOCK - first]  # [32m, d]
-            new[lv] = gists_of_groups(self.compressor, pool, lv).to(dt)  # [m, d]
-            self._check_finite(new[lv], lv, before // BLOCK)
+        new = plan_commit(self._files, self.compressor, ids, gist_torch_dtype(self.gist_dtype_name))
         try:  # every check passed: from here on a failure leaves the store at its last commit
-            created = False
-            for lv in new:
-                if lv >= len(files):
-                    h1 = files[1].header
-                    files.append(LevelFile.create(self.root / level_name(lv), Header(
-                        lv, h1.dim, h1.dtype, 0, h1.fingerprint, h1.compressor_version,
-                        checksum_rows=self._checksum_rows()), self.config.durable))
-                    created = True
-            if created and self.config.durable:
-                fsync_dir(self.root)
-            files[0].append_rows(ids)
-            for lv, g in new.items():
-                files[lv].append_rows(_to_rows(g))
-            touched = [files[0]] + [files[lv] for lv in new]
-            for f in touched:
-                f.sync()
-            for f in reversed(touched):  # top level first, LOD0 last: its count is the commit point
-                f.publish()
+            write_commit(self.root, self._files, ids, new, self._checksum_rows(), self.config.durable)
             self._drop_pending(n)
             self._write_meta()
         except BaseException as e:
