@@ -70,7 +70,7 @@ def check_store(store: str | Path) -> IntegrityReport:
     logs = sorted(root.glob("telemetry*.jsonl"))
     if logs:
         try:
-            steps, _ = read_log(log)
+            steps, _ = read_log(log, report.notes)
             report.checked.append(f"telemetry: {len(logs)} file(s), {len(steps)} records")
         except (ValueError, OSError) as e:
             report.problems.append(f"{e}")

@@ -61,7 +61,8 @@ def atomic_write(path: Path, data: bytes, durable: bool) -> None:
 # ---------------------------------------------------------------------- the store directory
 def incomplete_store_message(root: Path) -> str:
     return (f"{str(root)!r} is an incomplete store: its tree exists but {ENGINE_FILE} does not (a create "
-            "interrupted before stores were created atomically); delete the directory and create it again")
+            f"interrupted before stores were created atomically, or a deleted {ENGINE_FILE}); restore "
+            f"{ENGINE_FILE} from a copy, or delete the directory and create the store again")
 
 
 def check_new_store_path(root: Path) -> None:

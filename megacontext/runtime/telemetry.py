@@ -313,9 +313,10 @@ def summarise(rows: list[dict], totals_ms: dict[str, float] | None = None) -> di
     }
 
 
-def read_jsonl(path: str | Path) -> tuple[list[dict], dict | None]:
-    """Read one telemetry log -> (step rows, summary row or None). Tolerates a torn last line; a line that
-    does not parse or does not match its ``crc`` is an error naming the file and line."""
+def read_jsonl(path: str | Path, notes: list[str] | None = None) -> tuple[list[dict], dict | None]:
+    """Read one telemetry log -> (step rows, summary row or None). Tolerates a torn last line (and says so in
+    ``notes`` when given); a line that does not parse or does not match its ``crc`` is an error naming the file
+    and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"telemetry log {str(path)!r} does not exist")
@@ -329,8 +330,10 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], dict | None]:
             if not isinstance(row, dict):
                 raise ValueError("not an object")
         except (json.JSONDecodeError, ValueError):
-            if i == len(lines) - 1:  # a run still writing may leave half a line
+            if i == len(lines) - 1:  # a run still writing (or killed while writing) may leave half a line
                 log.warning("%s: ignoring a partial last line", path)
+                if notes is not None:
+                    notes.append(f"{path.name}: a partial last line (ignored)")
                 continue
             raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
         if "crc" in row:
@@ -344,7 +347,7 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], dict | None]:
     return steps, summary
 
 
-def read_log(path: str | Path) -> tuple[list[dict], dict | None]:
+def read_log(path: str | Path, notes: list[str] | None = None) -> tuple[list[dict], dict | None]:
     """Read a telemetry log and its rotated predecessors (oldest first) -> (step rows, last summary or None)."""
     path = Path(path)
     number = lambda p: p.stem[len(path.stem) + 1:]  # telemetry.<i>.jsonl -> "<i>"
@@ -354,7 +357,7 @@ def read_log(path: str | Path) -> tuple[list[dict], dict | None]:
     for p in [*older, path]:
         if p == path and not p.exists() and older:
             break
-        s, summ = read_jsonl(p)
+        s, summ = read_jsonl(p, notes)
         steps += s
         summary = summ or summary
     return steps, summary
