@@ -336,9 +336,62 @@ def summarise(kills: list[dict], corruptions: list[dict]) -> dict:
     return out
 
 
+def render(result: dict) -> str:
+    """The results page (docs/results/reliability.md) from the JSON."""
+    s, kills, cor = result["summary"], result["kills"], result["corruptions"]
+    lines = [
+        "# Reliability: kill and corruption trials (issue 14)", "",
+        f"Command: `{result['command']}`  ", f"Commit: `{result['commit']}`  ", f"Machine: {result['machine']}  ",
+        f"Base: `{result['base']}`, GistNet: `{result['gistnet']}`; wall time {result['seconds']['kills']} s "
+        f"(kills) + {result['seconds']['corruptions']} s (corruption). Raw rows: "
+        "[reliability.json](reliability.json). Method: `benchmarks/reliability.py`'s docstring.", "",
+        "## SIGKILL at random moments of ingest and generate", "",
+        "| trials | killed during | acknowledged tokens lost | wrong reads after reopen | unusable after reopen | "
+        "fsck damage after recovery | recovery reported | unacknowledged tokens kept |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {s['kills']} | " + ", ".join(f"{k}: {v}" for k, v in sorted(s["killed_during"].items())) +
+        f" | **{s['acknowledged_tokens_lost']}** | **{s['wrong_reads_after_reopen']}** | "
+        f"{s['unusable_after_reopen']} | {s['fsck_damage_after_recovery']} | {s['recovery_reported']} / {s['kills']} | "
+        f"{s['unacknowledged_tokens_kept']:,} |", "",
+        f"The store grew to {kills[-1]['recovered']:,} tokens over the trials (each trial continues it). "
+        "'Unacknowledged tokens kept' are tokens of interrupted calls that the commit interval had made durable "
+        "before the kill (the rest of such a call is lost, and never was acknowledged).", "",
+        "Sample recovery reports:", ""]
+    seen = set()
+    for r in kills:
+        key = (r["killed_during"], r["kept_unacknowledged"] > 0, "ignored" in (r["recovery"] or ""))
+        if key not in seen and r["recovery"]:
+            seen.add(key)
+            lines.append(f"- killed during {r['killed_during']} after {r['delay_s']} s: {r['recovery']}")
+    lines += ["", "## Damage to every file of a store", "",
+              f"{s['corruption_trials']} trials: every file of a store with LOD0-LOD3 damaged by random byte flips, "
+              "a truncation at a random length, or deletion. **Silent wrong reads: "
+              f"{s['silent_wrong_reads']}.**", "",
+              "| file | " + " | ".join(sorted({r["outcome"] for r in cor})) + " |",
+              "|---|" + "---|" * len({r["outcome"] for r in cor})]
+    outcomes = sorted({r["outcome"] for r in cor})
+    for name, counts in sorted(s["corruption_by_file"].items()):
+        lines.append(f"| `{name}` | " + " | ".join(str(counts.get(o, "")) for o in outcomes) + " |")
+    lines += ["", "Outcomes: *refused at open/read* = a clear error naming the file (and rows); *repaired and "
+              "reported* = the open rebuilt derived state and said so in `mc.recovered`; *reads right, fsck "
+              "reports* = the memory reads exactly as before and `megacontext fsck` reports the damage (telemetry); "
+              "*no effect* = nothing the memory holds changed and there is nothing to report (`LOCK` is empty; a log "
+              "cut at a line boundary is a shorter valid log).", "", "Example messages:", ""]
+    shown = set()
+    for r in cor:
+        if r["message"] and (r["file"], r["outcome"]) not in shown:
+            shown.add((r["file"], r["outcome"]))
+            lines.append(f"- `{r['file']}` {r['damage']} -> {r['outcome']}: {r['message'][:200]}")
+    if "telemetry" in result:
+        t = result["telemetry"]
+        lines += ["", "## Telemetry size", "", t["text"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", nargs="?", default="run", choices=["run", "zygote"])
+    p.add_argument("mode", nargs="?", default="run", choices=["run", "zygote", "report"],
+                   help="run: the trials; report: render --out's JSON as the .md page next to it")
     p.add_argument("--base", default="base-llama-19m", help="base model (embedded name, directory, or 'tiny')")
     p.add_argument("--gistnet", default="auto", help="'auto' (the embedded GistNet for its base), 'none', or a path")
     p.add_argument("--kills", type=int, default=60)
@@ -352,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.mode == "zygote":
         zygote(args)
+        return 0
+    if args.mode == "report":
+        Path(args.out).with_suffix(".md").write_text(render(json.loads(Path(args.out).read_text())))
         return 0
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     base = load_base(args.base)
@@ -372,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
               "summary": summarise(kills, corruptions), "kills": kills, "corruptions": corruptions}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).with_suffix(".md").write_text(render(result))
     print(json.dumps(result["summary"], indent=1))
     if not args.work:
         shutil.rmtree(root, ignore_errors=True)

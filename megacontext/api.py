@@ -174,7 +174,8 @@ class MegaContext:
             wc, notes = load_wc(root, cfg.wc, t.num_tokens)
             recovered = None
             if not readonly and (meta.get("writer_open") or t.recovery or notes):
-                recovered = Recovery(t.num_tokens, meta.get("num_tokens"), tuple(t.recovery + notes))
+                recovered = Recovery(t.num_tokens, meta.get("num_tokens"), tuple(t.recovery + notes),
+                                     crashed=bool(meta.get("writer_open")))
                 (log.error if recovered.lost else log.warning)("%s: %s", root, recovered)
             meta.update(gistnet=_rec(gistnet), gistnet_lod2=_rec(lod2), lensnet=_rec(lensnet), config=cfg.to_dict())
             if rebuild:
@@ -207,11 +208,21 @@ class MegaContext:
             ids = as_token_array(text_or_ids, self.base.vocab_size).astype(np.int64)
         return torch.from_numpy(ids)
 
-    def _check_room(self, n_new: int) -> None:
-        """Refuse (BudgetError) a call that would take the history past the working context's reach."""
-        after = self.num_tokens + n_new
+    def _check_room(self, n_new: int, every_after: int | None = None) -> None:
+        """Refuse (BudgetError) a call whose history lengths would not fit the working context: the engine syncs
+        at every multiple of k and at the end of the call (generation: at every token past ``every_after``)."""
+        n0 = self.num_tokens
+        after = n0 + n_new
+        k = self.engine.cfg.k
+        if after > self.engine.wc.reach:  # rare (tiny budgets): check exactly the lengths the engine visits
+            first = (n0 // k + 1) * k
+            aligned = torch.arange(first, max(first, after), k)
+            tail = torch.arange(every_after + 1, after + 1) if every_after is not None else torch.tensor([after])
+            visited = torch.cat([aligned, tail])
+        else:
+            visited = None
         try:
-            self.engine.wc.check_room(after)
+            self.engine.wc.check_room(after, visited)
         except BudgetError as e:
             raise BudgetError(f"{n_new} more tokens would take the history to {after:,} tokens: {e}; nothing was "
                               "written (a new store with a larger w_max or a smaller recent_raw reaches further)") \
@@ -248,7 +259,7 @@ class MegaContext:
         self._require_writable()
         ids = self._ids(prompt)
         cfg = sampling or SamplingConfig()
-        self._check_room(ids.numel() + cfg.max_new_tokens)
+        self._check_room(ids.numel() + cfg.max_new_tokens, every_after=self.num_tokens + ids.numel())
         return self._flushing(self.engine.generate(ids, cfg))
 
     def _flushing(self, gen: Iterator[int]) -> Iterator[int]:

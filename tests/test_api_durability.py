@@ -52,14 +52,17 @@ def test_history_far_past_the_two_level_reach_stays_usable(tiny_base, tmp_path):
 
 def test_ingest_past_the_reach_is_refused_before_anything_is_written(tiny_base, tmp_path):
     store, ids = tmp_path / "small", _ids(5000)
-    cfg = EngineConfig(wc=WorkingContextConfig(w_max=94, recent_raw=32))  # the floor: reach 2,048 tokens
+    # the floor budget: a history of 2,079 tokens (63 older blocks = 1 LOD2 + 31 LOD1 gists, 32 protected
+    # tokens and a 31-token tail) needs 95 slots; 2,080 tokens need 64 again
+    cfg = EngineConfig(wc=WorkingContextConfig(w_max=94, recent_raw=32))
     with MegaContext.create(store, tiny_base, config=cfg, durable=False) as mc:
         mc.ingest(ids[:1000])
-        with pytest.raises(BudgetError, match="nothing was written"):
-            mc.ingest(ids[1000:])
+        with pytest.raises(BudgetError, match="2079 tokens.*nothing was written"):
+            mc.ingest(ids[1000:2079])
         assert mc.num_tokens == 1000
     with MegaContext.open(store, tiny_base) as mc:  # the store is not bricked
         assert mc.num_tokens == 1000 and torch.equal(mc.tree.tokens(0, 1000), ids[:1000])
+        mc.ingest(ids[1000:2080])  # every length this call syncs to fits
         assert len(list(mc.generate_ids(ids[:4], SamplingConfig(max_new_tokens=4)))) == 4
 
 
@@ -214,15 +217,22 @@ def test_second_writer_is_refused(tiny_base, tmp_path):
             assert r.num_tokens == 0
 
 
-def test_legacy_engine_json_is_accepted(tiny_base, tmp_path):
-    store = tmp_path / "mem"
+def test_a_store_written_before_issue_14_opens(tiny_base, tmp_path, caplog):
+    """Format-1 level files (LOD0-2, no checksums), meta.json v1 and an engine.json without the new fields."""
+    from tests.tree.legacy import downgrade_to_v1
+
+    store, ids = tmp_path / "mem", _ids(40_000)
     with MegaContext.create(store, tiny_base, config=CFG, durable=False) as mc:
-        mc.ingest(_ids(200))
+        mc.ingest(ids)
     meta = json.loads((store / ENGINE_FILE).read_text())
-    for key in ("checksum", "writer_open"):
+    for key in ("checksum", "writer_open", "num_tokens"):
         meta.pop(key, None)
     meta["config"].pop("telemetry", None)
     (store / ENGINE_FILE).write_text(json.dumps(meta))
-    with MegaContext.open(store, tiny_base) as mc:
-        assert mc.num_tokens == 200
+    downgrade_to_v1(store)
+    with caplog.at_level("WARNING"), MegaContext.open(store, tiny_base) as mc:
+        assert mc.num_tokens == 40_000 and torch.equal(mc.tree.tokens(0, 40_000), ids)
+        assert mc.tree.num_levels == 4  # LOD3 added on this first writable open
+        assert len(list(mc.generate_ids(ids[:4], SamplingConfig(max_new_tokens=4)))) == 4
+    assert "no checksums" in caplog.text
     assert os.path.getsize(store / ENGINE_FILE) > 0

@@ -187,7 +187,8 @@ def load_wc(root: Path, cfg: WorkingContextConfig, num_tokens: int) -> tuple[Wor
 # ---------------------------------------------------------------------- what a reopen after a crash found
 @dataclass(frozen=True)
 class Recovery:
-    """What reopening found after the store's last writer did not close it (killed, crashed, power lost).
+    """What a writable reopen found and repaired: after the store's last writer did not close it (killed,
+    crashed, power lost: ``crashed``), or when a file had to be repaired (a missing working-context file).
 
     ``acknowledged`` is the history length at that writer's last completed ``flush()`` (every ``ingest``,
     ``score`` and ``generate`` ends with one by default), i.e. what it had acknowledged; ``num_tokens`` what the
@@ -198,6 +199,7 @@ class Recovery:
     num_tokens: int
     acknowledged: int | None  # None: written by a version that did not record it
     discarded: tuple[str, ...] = ()  # what reopening dropped or repaired (uncommitted rows, a stale tail, ...)
+    crashed: bool = True  # the last writer did not close the store
 
     @property
     def kept_unacknowledged(self) -> int:
@@ -209,7 +211,8 @@ class Recovery:
 
     def __str__(self) -> str:
         ack = "an unknown number of" if self.acknowledged is None else f"{self.acknowledged:,}"
-        text = (f"the last writer did not close the store: recovered {self.num_tokens:,} tokens ({ack} acknowledged "
-                f"by its last flush, {self.kept_unacknowledged:,} committed after it")
+        how = "the last writer did not close the store" if self.crashed else "reopening repaired the store"
+        text = (f"{how}: recovered {self.num_tokens:,} tokens ({ack} acknowledged by the last flush, "
+                f"{self.kept_unacknowledged:,} committed after it")
         text += f"; {self.lost:,} ACKNOWLEDGED TOKENS LOST)" if self.lost else ", nothing acknowledged lost)"
         return text + ("; " + "; ".join(self.discarded) if self.discarded else "")

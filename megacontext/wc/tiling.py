@@ -108,6 +108,12 @@ def min_cost(num_tokens: int, recent_raw: int, max_level: int = MAX_LEVEL) -> in
     return coarsest_cost(fp, max_level) + BLOCK * (blocks - fp) + tail
 
 
+def min_cost_tensor(num_tokens: Tensor, recent_raw: int, max_level: int = MAX_LEVEL) -> Tensor:
+    """Vectorised :func:`min_cost` over history lengths [n] (int64) -> [n]."""
+    fp = torch.div((num_tokens - recent_raw).clamp(min=0), BLOCK, rounding_mode="floor")
+    return coarsest_cost_tensor(fp, max_level) + num_tokens - BLOCK * fp
+
+
 def min_w_max(recent_raw: int) -> int:
     """Smallest ``w_max`` that survives a growing history until its protected region is complete and one
     more 1,024-token LOD2 span of older history has been gisted (so :func:`reach` >= 1,024).

@@ -41,6 +41,8 @@ from megacontext.wc.tiling import (
     collapse_by_recency,
     first_overflow,
     first_protected_block,
+    min_cost,
+    min_cost_tensor,
     min_w_max,
     raw_first_tiling,
     sibling_runs,
@@ -167,13 +169,23 @@ class WorkingContext:
         ``W_max`` = 1,024 and ``recent_raw`` = 128 this is beyond 10^14 tokens)."""
         return first_overflow(self.cfg.w_max, self.cfg.recent_raw) - 1
 
-    def check_room(self, num_tokens: int) -> None:
-        """Raise :class:`BudgetError` unless every history up to ``num_tokens`` tokens can be tiled, i.e. unless
-        :meth:`sync` is certain to succeed on the way there. Changes nothing: callers check before they write."""
-        if num_tokens > self.reach:
-            raise BudgetError(
-                f"a history of {num_tokens} tokens does not fit w_max={self.cfg.w_max} with recent_raw="
-                f"{self.cfg.recent_raw}: this working context reaches {self.reach} tokens")
+    def check_room(self, num_tokens: int, visited: Tensor | None = None) -> None:
+        """Raise :class:`BudgetError` unless :meth:`sync` is certain to succeed on the way to ``num_tokens``
+        tokens: every history length in ``visited`` (int64 [n], the lengths the caller will sync to; default:
+        every length up to ``num_tokens``) must have a tiling within ``w_max``. Changes nothing: callers check
+        before they write. O(1) while the lengths stay within :attr:`reach`, else O(len(visited))."""
+        if num_tokens <= self.reach:
+            return
+        cfg = self.cfg
+        if visited is not None:
+            cost = min_cost_tensor(visited.long(), cfg.recent_raw)
+            if bool((cost <= cfg.w_max).all()):
+                return
+            num_tokens = int(visited[(cost > cfg.w_max).nonzero()[0, 0]])
+        raise BudgetError(
+            f"a history of {num_tokens} tokens does not fit w_max={cfg.w_max} with recent_raw={cfg.recent_raw} "
+            f"(its coarsest tiling costs {min_cost(num_tokens, cfg.recent_raw)} slots); every history up to "
+            f"{self.reach} tokens fits")
 
     @property
     def cost(self) -> int:
