@@ -421,11 +421,27 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     import torch
 
+    tel = {}
+    for name in ("killed", "reference"):  # telemetry bytes per token of the two stores the trials used
+        store = root / name
+        if (store / "meta.json").exists():
+            meta = json.loads((store / "meta.json").read_text())
+            tokens = meta["num_blocks"] * 32 + len(meta["tail"])
+            size = sum(p.stat().st_size for p in store.glob("telemetry*.jsonl"))
+            tree = sum(p.stat().st_size for p in store.glob("LOD*"))
+            tel[name] = {"tokens": tokens, "telemetry_bytes": size,
+                         "telemetry_bytes_per_token": round(size / tokens, 3),
+                         "tree_bytes_per_token": round(tree / tokens, 3)}
+    text = "; ".join(f"{k} store: {v['tokens']:,} tokens, telemetry {v['telemetry_bytes']:,} bytes = "
+                     f"{v['telemetry_bytes_per_token']} B/token (tree: {v['tree_bytes_per_token']} B/token)"
+                     for k, v in tel.items())
+
     result = {"command": "python benchmarks/reliability.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit.stdout.strip(), "machine": f"{platform.node()}: {platform.platform()}, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}", "base": args.base, "gistnet": args.gistnet,
               "seconds": {"kills": round(t1 - t0, 1), "corruptions": round(t2 - t1, 1)},
-              "summary": summarise(kills, corruptions), "kills": kills, "corruptions": corruptions}
+              "summary": summarise(kills, corruptions), "telemetry": {"text": text, **tel}, "kills": kills,
+              "corruptions": corruptions}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).with_suffix(".md").write_text(render(result))
