@@ -224,7 +224,7 @@ class MegaContext:
         try:
             self.engine.wc.check_room(after, visited)
         except BudgetError as e:
-            raise BudgetError(f"{n_new} more tokens would take the history to {after:,} tokens: {e}; nothing was "
+            raise BudgetError(f"{n_new:,} more tokens would take the history to {after:,} tokens: {e}; nothing was "
                               "written (a new store with a larger w_max or a smaller recent_raw reaches further)") \
                 from None
 

@@ -57,7 +57,7 @@ def test_ingest_past_the_reach_is_refused_before_anything_is_written(tiny_base, 
     cfg = EngineConfig(wc=WorkingContextConfig(w_max=94, recent_raw=32))
     with MegaContext.create(store, tiny_base, config=cfg, durable=False) as mc:
         mc.ingest(ids[:1000])
-        with pytest.raises(BudgetError, match="2079 tokens.*nothing was written"):
+        with pytest.raises(BudgetError, match="2,079 tokens.*nothing was written"):
             mc.ingest(ids[1000:2079])
         assert mc.num_tokens == 1000
     with MegaContext.open(store, tiny_base) as mc:  # the store is not bricked

@@ -177,15 +177,15 @@ class WorkingContext:
         if num_tokens <= self.reach:
             return
         cfg = self.cfg
+        reach = f"; every history up to {self.reach:,} tokens fits"
         if visited is not None:
             cost = min_cost_tensor(visited.long(), cfg.recent_raw)
             if bool((cost <= cfg.w_max).all()):
                 return
-            num_tokens = int(visited[(cost > cfg.w_max).nonzero()[0, 0]])
+            num_tokens, reach = int(visited[(cost > cfg.w_max).nonzero()[0, 0]]), ""
         raise BudgetError(
-            f"a history of {num_tokens} tokens does not fit w_max={cfg.w_max} with recent_raw={cfg.recent_raw} "
-            f"(its coarsest tiling costs {min_cost(num_tokens, cfg.recent_raw)} slots); every history up to "
-            f"{self.reach} tokens fits")
+            f"a history of {num_tokens:,} tokens does not fit w_max={cfg.w_max} with recent_raw={cfg.recent_raw} "
+            f"(its coarsest tiling costs {min_cost(num_tokens, cfg.recent_raw)} slots){reach}")
 
     @property
     def cost(self) -> int:
