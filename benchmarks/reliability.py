@@ -388,6 +388,16 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKER = "<!-- written by hand from the commands named below; benchmarks/reliability.py keeps it -->"
+
+
+def write_page(path: Path, result: dict) -> None:
+    """Render the page, keeping the hand-written part after MARKER of the page already there."""
+    old = path.read_text() if path.exists() else ""
+    keep = old[old.index(MARKER):] if MARKER in old else ""
+    path.write_text(render(result) + ("\n" + keep if keep else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", default="run", choices=["run", "zygote", "report"],
@@ -407,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         zygote(args)
         return 0
     if args.mode == "report":
-        Path(args.out).with_suffix(".md").write_text(render(json.loads(Path(args.out).read_text())))
+        write_page(Path(args.out).with_suffix(".md"), json.loads(Path(args.out).read_text()))
         return 0
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     base = load_base(args.base)
@@ -444,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
               "corruptions": corruptions}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    Path(args.out).with_suffix(".md").write_text(render(result))
+    write_page(Path(args.out).with_suffix(".md"), result)
     print(json.dumps(result["summary"], indent=1))
     if not args.work:
         shutil.rmtree(root, ignore_errors=True)
