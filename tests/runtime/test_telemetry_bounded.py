@@ -50,8 +50,9 @@ def test_off_switch_and_rotation(tiny_base, tmp_path):
 
 def test_focus_map_from_new_records_and_old_logs(tiny_base, tmp_path):
     store = tmp_path / "s"
-    with MegaContext.create(store, tiny_base, config=EngineConfig(wc=WC), durable=False) as mc:
-        mc.ingest(_ids(100_000))  # past 65,536 tokens LOD0-2 no longer fit this budget
+    deep = EngineConfig(wc=WorkingContextConfig(w_max=140, recent_raw=40))  # LOD3 from ~48k tokens on
+    with MegaContext.create(store, tiny_base, config=deep, durable=False) as mc:
+        mc.ingest(_ids(52_000))
         final = mc.engine.wc.levels.clone()
     steps, _ = read_log(store / TELEMETRY_FILE)
     mat, _, _ = lod_matrix(steps)
