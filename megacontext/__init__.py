@@ -6,11 +6,11 @@ imports included; units on one line are siblings and never import each other)::
     core                       config, LOD geometry, assets, device, checkpoints, stats, provenance
     data                       corpora -> token caches -> windows
     base                       the frozen-model adapter (base.py)
-    tree                       the on-disk history (LOD0 tokens, LOD1/LOD2 gists), HistorySource, views
+    tree                       the on-disk history (LOD0 tokens, gists of LOD1, LOD2, ...; checksums), views
     gistnet | wc               the compressor and its evaluation | working context, tiling, allocator
     lensnet                    the learned focus network, its labels and training
     focus                      policies (recency, lexical, LensNet, oracles) and their evaluation
-    runtime                    engine, sampling, telemetry, focus map
+    runtime                    engine, sampling, telemetry, focus map, engine state on disk, fsck
     api                        MegaContext (api.py), re-exported here with the public configs
     demo | bench | serve       the README demo | baselines and benchmark harness | the memory service
     cli                        the ``megacontext`` command (``python -m megacontext``)
@@ -35,11 +35,12 @@ _EXPORTS = {
     "AllocatorConfig": "megacontext.wc",
     "TreeConfig": "megacontext.tree.store",
     "LexicalFocusConfig": "megacontext.focus.lexical",
+    "TelemetryConfig": "megacontext.runtime.telemetry",
 }
 
 __all__ = [  # = "__version__" + _EXPORTS (tests/test_layering.py checks they agree)
-    "AllocatorConfig", "EngineConfig", "LexicalFocusConfig", "MegaContext", "SamplingConfig", "TreeConfig",
-    "WorkingContextConfig", "__version__",
+    "AllocatorConfig", "EngineConfig", "LexicalFocusConfig", "MegaContext", "SamplingConfig", "TelemetryConfig",
+    "TreeConfig", "WorkingContextConfig", "__version__",
 ]
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from megacontext.focus.lexical import LexicalFocusConfig
     from megacontext.runtime.engine import EngineConfig
     from megacontext.runtime.sampling import SamplingConfig
+    from megacontext.runtime.telemetry import TelemetryConfig
     from megacontext.tree.store import TreeConfig
     from megacontext.wc import AllocatorConfig, WorkingContextConfig
 

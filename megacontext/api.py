@@ -6,187 +6,268 @@
     with MegaContext.open("stores/notes") as mc:       # same memory, same working context
         print(mc.score("Some text to evaluate.").mean_nll)
 
-Store directory = the tree's files (``LOD*.ctx``, ``meta.json``, ``LOCK``, owned by :mod:`megacontext.tree`)
-plus the engine's: ``engine.json`` (format version, engine config, base model path + fingerprint, checkpoint
-paths, step counter) and ``wc.safetensors`` (the working-context tiling). ``save()`` writes both atomically
-(temp file + rename); reopening restores the WC exactly, so the next-token distribution is the same.
+Store directory = the tree's files (``LOD*.ctx``, ``LOD*.sum``, ``meta.json``, ``LOCK``, owned by
+:mod:`megacontext.tree`) plus the engine's (``engine.json``, ``wc.safetensors``, :mod:`megacontext.runtime.persist`)
+and the telemetry log. A store is created in a temporary sibling directory and renamed into place, so a crash
+during ``create`` leaves no half-made store.
 
-Errors are raised before anything is modified: a directory that is not a store, a base model whose
-fingerprint differs from the one the store was built with, missing or mismatched checkpoints.
+Durability contract (``docs/reliability.md``)
+- ``flush()``: when it returns, everything ingested so far is durable: the tree is committed (fsynced when
+  ``durable=True``, the default) and the working-context state saved, so reopening restores it exactly.
+- ``ingest()``, ``score()`` and ``generate()`` (when its iterator finishes or is closed) end with a ``flush()``
+  unless the memory was opened with ``autoflush=False``: what they returned is on disk.
+- While a call runs, the tree commits at least every ``TreeConfig.commit_tokens`` tokens and every
+  ``commit_seconds`` seconds, so a crash in the middle of a long call loses at most that much of its tail.
+- ``close()`` (and leaving the ``with`` block, also on an exception) flushes and releases the store; a close
+  whose flush fails still releases the lock.
+- Reopening a store whose writer died reports what it recovered: ``mc.recovered`` (a
+  :class:`~megacontext.runtime.persist.Recovery`, None after a clean close) and a log line.
+
+Errors are raised before anything is modified: a path that is not a store, a base model whose fingerprint
+differs from the one the store was built with, missing or mismatched checkpoints, token ids outside the
+vocabulary or not integers, a history that would outgrow the working context's reach, a read-only store.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from megacontext.base import FrozenBase
-from megacontext.core.assets import BASE_MODEL, EMBEDDED, GISTNET_MODEL, AssetError
-from megacontext.core.checkpoint import CheckpointError, read_checkpoint_meta
-from megacontext.focus.registry import make_policy
+from megacontext.core.assets import BASE_MODEL
+from megacontext.runtime.components import (
+    load_base,
+    make_compressor,
+    make_focus,
+    positions_for,
+    resolve_gistnet,
+)
+from megacontext.runtime.components import recorded_path as _rec
 from megacontext.runtime.engine import Engine, EngineConfig, ScoreResult
+from megacontext.runtime.persist import (
+    ENGINE_FILE,
+    FORMAT_VERSION,
+    TELEMETRY_FILE,
+    WC_FILE,
+    Recovery,
+    StoreError,
+    check_new_store_path,
+    load_wc,
+    read_engine_meta,
+    save_wc,
+    write_engine_meta,
+)
 from megacontext.runtime.sampling import SamplingConfig
 from megacontext.runtime.telemetry import Telemetry
-from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
-from megacontext.wc import WorkingContext, WorkingContextError
+from megacontext.tree import MegaContextTree, StoreMismatchError, TreeConfig
+from megacontext.tree.history import as_token_array
+from megacontext.tree.level_file import fsync_dir
+from megacontext.wc import BudgetError, WorkingContext
 
 log = logging.getLogger(__name__)
 
-ENGINE_FILE = "engine.json"
-WC_FILE = "wc.safetensors"
-TELEMETRY_FILE = "telemetry.jsonl"
-FORMAT_VERSION = 1
-
-
-class StoreError(ValueError):
-    """A directory is not a MegaContext store, or its engine state is damaged or inconsistent."""
-
-
-def _load_base(base, device, dtype) -> FrozenBase:
-    if isinstance(base, FrozenBase):
-        return base
-    return FrozenBase.load(str(base or BASE_MODEL), device=device, dtype=dtype)
-
-
-def resolve_gistnet(base: FrozenBase, gistnet: str | None) -> str | None:
-    """``"auto"`` -> the embedded GistNet (its name) when it was trained for this base model, else None (mean
-    pooling)."""
-    if gistnet != "auto":
-        return gistnet
-    try:
-        meta = read_checkpoint_meta(GISTNET_MODEL)
-    except (CheckpointError, AssetError):
-        return None
-    return GISTNET_MODEL if meta["base_fingerprint"] == base.fingerprint else None
-
-
-def _compressor(base: FrozenBase, gistnet: str | None, lod2: str | None = None):
-    """Mean pooling without a checkpoint; GistNet's compressor with one (the checkpoint must exist). LOD2 comes
-    from ``lod2`` (a stacked LOD2 checkpoint), else the checkpoint's own trained level 2, else mean pooling."""
-    if gistnet is None:
-        if lod2 is not None:
-            raise CheckpointError(f"gistnet_lod2={lod2!r} needs the LOD1 GistNet checkpoint it was trained on")
-        return MeanPoolCompressor.from_base(base)
-    read_checkpoint_meta(gistnet)  # clear error for a missing/malformed checkpoint directory
-    from megacontext.gistnet.compressor import GistCompressor
-
-    return GistCompressor.load(gistnet, base, lod2=lod2)  # refuses checkpoints trained for another base model
-
-
-def _policy(cfg: EngineConfig, base: FrozenBase, lensnet: str | None):
-    if cfg.focus == "lensnet":
-        if lensnet is None:
-            raise CheckpointError("focus='lensnet' needs a LensNet checkpoint directory (lensnet=...)")
-        read_checkpoint_meta(lensnet)
-        from megacontext.focus.lens import LensPolicy
-
-        return LensPolicy.load(lensnet, base)
-    return make_policy(cfg.focus)
-
-
-def _abs(p) -> str | None:
-    """How a store records a model: an embedded name as the name (found again after a reinstall or on another
-    machine, see :mod:`megacontext.core.assets`), a path as an absolute path."""
-    if p is None or (str(p) in EMBEDDED and not Path(p).exists()):
-        return None if p is None else str(p)
-    return str(Path(p).expanduser().resolve())
+__all__ = ["ENGINE_FILE", "FORMAT_VERSION", "TELEMETRY_FILE", "WC_FILE", "MegaContext", "Recovery", "StoreError",
+           "read_engine_meta", "resolve_gistnet"]
 
 
 class MegaContext:
     """A memory: ingest text, generate from it, score text under it; persists in a store directory."""
 
-    def __init__(self, root: Path, base: FrozenBase, tree: MegaContextTree, engine: Engine, meta: dict):
+    def __init__(self, root: Path, base: FrozenBase, tree: MegaContextTree, engine: Engine, meta: dict,
+                 autoflush: bool = True):
         self.root, self.base, self.tree, self.engine, self._meta = root, base, tree, engine, meta
+        self.autoflush = autoflush
+        self.recovered: Recovery | None = None  # set by open() when the last writer did not close the store
         self._closed = False
 
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, store: str | Path, base: str | FrozenBase | None = None, *, gistnet: str | None = "auto",
                gistnet_lod2: str | None = None, lensnet: str | None = None, config: EngineConfig | None = None,
-               device: str | None = None, dtype: str | None = None, durable: bool = True) -> MegaContext:
-        """A new, empty memory in ``store`` (which must not exist or be empty). ``gistnet``: a checkpoint,
-        None for mean-pooled gists, or "auto": the embedded ``gistnet-19m-v2`` when it was trained for
+               device: str | None = None, dtype: str | None = None, durable: bool = True,
+               tree: TreeConfig | None = None, autoflush: bool = True) -> MegaContext:
+        """A new, empty memory in ``store`` (which must not exist or be an empty directory). ``gistnet``: a
+        checkpoint, None for mean-pooled gists, or "auto": the embedded ``gistnet-19m-v2`` when it was trained for
         this base model, else mean pooling. ``gistnet_lod2``: a LOD2 checkpoint trained on that GistNet
         (``train gistnet --level 2 --lod1 ...``); without it LOD2 gists are mean-pooled LOD1 gists unless
-        the GistNet checkpoint trained its own level 2."""
+        the GistNet checkpoint trained its own level 2. ``tree``: store settings (commit interval, batching,
+        fsync; ``durable`` is its shorthand). ``autoflush``: see the durability contract in the module doc."""
         root = Path(store)
-        if root.exists() and any(root.iterdir()):
-            raise StoreError(f"{str(root)!r} exists and is not empty; open it or choose a new directory")
-        cfg = config or EngineConfig()
-        fb = _load_base(base, device, dtype)
+        check_new_store_path(root)
+        fb = load_base(base, device, dtype)
+        cfg = positions_for(config or EngineConfig(), fb)
         gistnet = resolve_gistnet(fb, gistnet)
-        policy = _policy(cfg, fb, lensnet)
-        comp = _compressor(fb, gistnet, gistnet_lod2)
-        tree = MegaContextTree.create(root, fb.d_model, fb.fingerprint, comp, config=TreeConfig(durable=durable))
+        policy = make_focus(cfg, fb, lensnet)
+        comp = make_compressor(fb, gistnet, gistnet_lod2)
+        tcfg = tree or TreeConfig(durable=durable)
         meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(),
-                "base": {"path": fb.name if isinstance(base, FrozenBase) else _abs(base or BASE_MODEL),
+                "base": {"path": fb.name if isinstance(base, FrozenBase) else _rec(base or BASE_MODEL),
                          "fingerprint": fb.fingerprint},
-                "gistnet": _abs(gistnet), "gistnet_lod2": _abs(gistnet_lod2), "lensnet": _abs(lensnet), "step": 0}
-        engine = Engine(fb, tree, cfg, policy, telemetry=Telemetry(root / TELEMETRY_FILE))
-        mc = cls(root, fb, tree, engine, meta)
-        mc.save()
-        return mc
+                "gistnet": _rec(gistnet), "gistnet_lod2": _rec(gistnet_lod2), "lensnet": _rec(lensnet), "step": 0,
+                "num_tokens": 0, "writer_open": True}
+        # built in a temporary sibling and renamed into place: a crash leaves no half-made store
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{root.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            MegaContextTree.create(tmp, fb.d_model, fb.fingerprint, comp, config=tcfg, vocab_size=fb.vocab_size) \
+                .close()
+            save_wc(tmp, WorkingContext(cfg.wc), tcfg.durable)
+            write_engine_meta(tmp, meta, tcfg.durable)
+            try:
+                os.rename(tmp, root)  # replaces an empty directory, refuses a non-empty one
+            except OSError as e:
+                raise StoreError(f"{str(root)!r} appeared while the store was being created ({e})") from e
+            if tcfg.durable:
+                fsync_dir(root.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        t = MegaContextTree.open(root, comp, fb.fingerprint, config=tcfg)
+        engine = Engine(fb, t, cfg, policy, telemetry=Telemetry(root / TELEMETRY_FILE, cfg=cfg.telemetry))
+        return cls(root, fb, t, engine, meta, autoflush)
 
     @classmethod
     def open(cls, store: str | Path, base: str | FrozenBase | None = None, *, gistnet: str | None = None,
              lensnet: str | None = None, config: EngineConfig | None = None, device: str | None = None,
-             dtype: str | None = None, durable: bool = True, readonly: bool = False) -> MegaContext:
-        """Reopen a memory. Base model and checkpoints default to the ones recorded in the store;
-        ``config`` may change run-time settings (e.g. ``debug``) but not the budget of an existing WC."""
+             dtype: str | None = None, durable: bool = True, readonly: bool = False, tree: TreeConfig | None = None,
+             autoflush: bool = True, rebuild: bool = False) -> MegaContext:
+        """Reopen a memory. Base model and checkpoints default to the ones recorded in the store; ``config`` may
+        change run-time settings (e.g. ``debug``, ``telemetry``) but not the budget of an existing WC.
+        ``rebuild=True`` converts a store made for another base model or GistNet: every gist is recomputed from
+        the stored tokens (the tokens and the working context are kept). A writable open after a crash repairs
+        the store and reports what it recovered in ``recovered``."""
         root = Path(store)
         meta = read_engine_meta(root)
         rec_base = meta["base"]
-        fb = _load_base(base or rec_base["path"], device, dtype)
-        if fb.fingerprint != rec_base["fingerprint"]:
+        fb = load_base(base or rec_base["path"], device, dtype)
+        if fb.fingerprint != rec_base["fingerprint"] and not rebuild:
             raise StoreError(f"store {str(root)!r} was built with base model {rec_base['path']!r} (fingerprint "
                              f"{rec_base['fingerprint']}), but the base model given has fingerprint "
-                             f"{fb.fingerprint}; open it with the same base model")
-        cfg = config or EngineConfig.from_dict(meta["config"])
-        if cfg.wc.to_dict() != meta["config"]["wc"]:
-            raise StoreError(f"the store's working context was built with {meta['config']['wc']}; "
+                             f"{fb.fingerprint}; open it with the same base model, or with rebuild=True "
+                             "(CLI: --rebuild) to recompute its gists for this one")
+        stored = EngineConfig.from_dict(meta["config"])
+        cfg = positions_for(config or stored, fb)
+        if cfg.wc.replace(position_mode=stored.wc.position_mode) != stored.wc:
+            raise StoreError(f"the store's working context was built with {stored.wc.to_dict()}; "
                              f"config.wc={cfg.wc.to_dict()} differs (create a new store to change the budget)")
         gistnet = gistnet or meta.get("gistnet")
         lod2 = meta.get("gistnet_lod2") if gistnet == meta.get("gistnet") else None
         lensnet = lensnet or meta.get("lensnet")
-        comp = _compressor(fb, gistnet, lod2)
-        policy = _policy(cfg, fb, lensnet)
-        tree = MegaContextTree.open(root, comp, fb.fingerprint, readonly=readonly,
-                                    config=TreeConfig(durable=durable))
+        comp = make_compressor(fb, gistnet, lod2)
+        policy = make_focus(cfg, fb, lensnet)
+        tcfg = tree or TreeConfig(durable=durable)
         try:
-            wc = _load_wc(root, cfg, tree.num_tokens)
+            t = MegaContextTree.open(root, comp, fb.fingerprint, readonly=readonly, config=tcfg, rebuild=rebuild)
+        except StoreMismatchError as e:
+            raise StoreError(f"{e} (CLI: --rebuild)") from e
+        try:
+            if t.vocab_size and fb.vocab_size < t.vocab_size:
+                raise StoreError(f"store {str(root)!r} holds ids of a vocabulary of {t.vocab_size}; base model "
+                                 f"{fb.name!r} has only {fb.vocab_size}")
+            wc, notes = load_wc(root, cfg.wc, t.num_tokens)
+            recovered = None
+            if not readonly and (meta.get("writer_open") or t.recovery or notes):
+                recovered = Recovery(t.num_tokens, meta.get("num_tokens"), tuple(t.recovery + notes),
+                                     crashed=bool(meta.get("writer_open")))
+                (log.error if recovered.lost else log.warning)("%s: %s", root, recovered)
+            meta.update(gistnet=_rec(gistnet), gistnet_lod2=_rec(lod2), lensnet=_rec(lensnet), config=cfg.to_dict())
+            if rebuild:
+                meta["base"] = {"path": fb.name if isinstance(base, FrozenBase) else _rec(base or rec_base["path"]),
+                                "fingerprint": fb.fingerprint}
+            if not readonly:  # marks the store open for writing: a crash from here on is reported by the next open
+                meta["writer_open"] = True
+                write_engine_meta(root, meta, tcfg.durable)
         except BaseException:
-            tree.close()
+            t.close()
             raise
-        tel = Telemetry(None if readonly else root / TELEMETRY_FILE)
-        engine = Engine(fb, tree, cfg, policy, wc=wc, telemetry=tel, step=int(meta.get("step", 0)))
-        meta.update(gistnet=_abs(gistnet), gistnet_lod2=_abs(lod2), lensnet=_abs(lensnet), config=cfg.to_dict())
-        return cls(root, fb, tree, engine, meta)
+        tel = Telemetry(None if readonly else root / TELEMETRY_FILE, cfg=cfg.telemetry)
+        engine = Engine(fb, t, cfg, policy, wc=wc, telemetry=tel, step=int(meta.get("step", 0)))
+        mc = cls(root, fb, t, engine, meta, autoflush)
+        mc.recovered = recovered
+        return mc
+
+    # ------------------------------------------------------------------ checks made before anything is written
+    def _require_writable(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {str(self.root)!r} is closed")
+        if not self.tree.writable:
+            raise StoreError(f"store {str(self.root)!r} is open read-only")
+
+    def _ids(self, text_or_ids) -> torch.Tensor:
+        """Token ids of text, or validated ids: integers in ``[0, vocab)`` (refused otherwise, nothing changed)."""
+        if isinstance(text_or_ids, str):
+            ids = np.asarray(self.base.encode(text_or_ids), dtype=np.int64)
+        else:
+            ids = as_token_array(text_or_ids, self.base.vocab_size).astype(np.int64)
+        return torch.from_numpy(ids)
+
+    def _check_room(self, n_new: int, every_after: int | None = None) -> None:
+        """Refuse (BudgetError) a call whose history lengths would not fit the working context: the engine syncs
+        at every multiple of k and at the end of the call (generation: at every token past ``every_after``)."""
+        n0 = self.num_tokens
+        after = n0 + n_new
+        k = self.engine.cfg.k
+        if after > self.engine.wc.reach:  # rare (tiny budgets): check exactly the lengths the engine visits
+            first = (n0 // k + 1) * k
+            aligned = torch.arange(first, max(first, after), k)
+            tail = torch.arange(every_after + 1, after + 1) if every_after is not None else torch.tensor([after])
+            visited = torch.cat([aligned, tail])
+        else:
+            visited = None
+        try:
+            self.engine.wc.check_room(after, visited)
+        except BudgetError as e:
+            raise BudgetError(f"{n_new:,} more tokens would take the history to {after:,} tokens: {e}; nothing was "
+                              "written (a new store with a larger w_max or a smaller recent_raw reaches further)") \
+                from None
 
     # ------------------------------------------------------------------ use
-    def _ids(self, text_or_ids) -> torch.Tensor:
-        if isinstance(text_or_ids, str):
-            return torch.tensor(self.base.encode(text_or_ids), dtype=torch.long)
-        return torch.as_tensor(text_or_ids, dtype=torch.long).reshape(-1)
-
     def ingest(self, text_or_ids, progress: bool = False) -> int:
-        """Append text (or token ids) to the memory; returns the number of tokens added."""
+        """Append text (or token ids) to the memory; returns the number of tokens added.
+
+        Durability: with ``autoflush`` (the default) every token this call appended, and everything before it,
+        is on disk when it returns. During the call the tree commits at least every ``commit_tokens`` tokens and
+        ``commit_seconds`` seconds (see the module doc). A refused call (ids that are not integers or lie outside
+        the vocabulary, a history past the reach, a read-only store) raises before anything is written."""
+        self._require_writable()
         ids = self._ids(text_or_ids)
+        self._check_room(ids.numel())
         self.engine.ingest(ids, progress=progress)
+        self._autoflush()
         return ids.numel()
 
     def score(self, text_or_ids, progress: bool = False) -> ScoreResult:
-        """Streaming per-token NLL of the text under the memory (the text is appended to it)."""
-        return self.engine.score(self._ids(text_or_ids), progress=progress)
+        """Streaming per-token NLL of the text under the memory (the text is appended to it; durable on return
+        as for :meth:`ingest`)."""
+        self._require_writable()
+        ids = self._ids(text_or_ids)
+        self._check_room(ids.numel())
+        res = self.engine.score(ids, progress=progress)
+        self._autoflush()
+        return res
 
     def generate_ids(self, prompt, sampling: SamplingConfig | None = None) -> Iterator[int]:
-        return self.engine.generate(self._ids(prompt), sampling)
+        """Generated token ids, one by one (prompt and output are appended to the memory; durable once the
+        iterator finishes or is closed, as for :meth:`ingest`). Arguments are checked now, before iteration."""
+        self._require_writable()
+        ids = self._ids(prompt)
+        cfg = sampling or SamplingConfig()
+        self._check_room(ids.numel() + cfg.max_new_tokens, every_after=self.num_tokens + ids.numel())
+        return self._flushing(self.engine.generate(ids, cfg))
+
+    def _flushing(self, gen: Iterator[int]) -> Iterator[int]:
+        try:
+            yield from gen
+        finally:
+            gen.close()  # type: ignore[attr-defined]
+            self._autoflush()
 
     def generate(self, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = (), stream: bool = False,
@@ -201,48 +282,64 @@ class MegaContext:
     def _text_pieces(self, ids: Iterator[int], stop: tuple[str, ...], on_text) -> Iterator[str]:
         got: list[int] = []
         emitted = ""
-        for tok in ids:
-            got.append(tok)
-            text = self.base.decode(got)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
-                continue
-            hit = min((text.find(s) + len(s) for s in stop if s in text), default=None)
-            if hit is not None:
-                text = text[:hit]
-            piece, emitted = text[len(emitted):], text
-            if piece:
-                if on_text is not None:
-                    on_text(piece)
-                yield piece
-            if hit is not None:
-                ids.close()  # type: ignore[attr-defined]  # stop the engine's generator now
-                return
+        try:
+            for tok in ids:
+                got.append(tok)
+                text = self.base.decode(got)
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
+                    continue
+                hit = min((text.find(s) + len(s) for s in stop if s in text), default=None)
+                if hit is not None:
+                    text = text[:hit]
+                piece, emitted = text[len(emitted):], text
+                if piece:
+                    if on_text is not None:
+                        on_text(piece)
+                    yield piece
+                if hit is not None:
+                    return
+        finally:
+            ids.close()  # type: ignore[attr-defined]  # stops the engine's generator and flushes
 
     # ------------------------------------------------------------------ persistence
-    def save(self) -> None:
-        """Commit the tree and write the engine state (config, step, WC tiling) atomically."""
-        if not self.tree.writable:
-            raise StoreError(f"store {str(self.root)!r} is open read-only; nothing to save")
+    def flush(self) -> None:
+        """Make everything ingested so far durable: on return the tree is committed (fsynced when ``durable``)
+        and the engine state (working context, step counter) saved, so reopening restores this exact memory."""
+        self._require_writable()
         self.tree.flush()
+        self._save_state(writer_open=True)
+
+    def save(self) -> None:
+        """Same as :meth:`flush` (the name older callers use)."""
+        self.flush()
+
+    def _autoflush(self) -> None:
+        if self.autoflush and not self._closed and self.tree.writable:
+            self.flush()
+
+    def _save_state(self, writer_open: bool) -> None:
+        durable = self.tree.config.durable
         wc = self.engine.wc
-        tmp = self.root / (WC_FILE + ".tmp")
-        save_file(wc.state_dict(), str(tmp))
-        os.replace(tmp, self.root / WC_FILE)
-        self._meta["step"] = self.engine.step
-        self._meta["num_tokens"] = wc.num_tokens
-        tmp = self.root / (ENGINE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self._meta, indent=1, sort_keys=True))
-        os.replace(tmp, self.root / ENGINE_FILE)
+        save_wc(self.root, wc, durable)  # before engine.json: both are atomic, the tiling is derived state
+        self._meta.update(step=self.engine.step, num_tokens=wc.num_tokens, writer_open=writer_open)
+        write_engine_meta(self.root, self._meta, durable)
 
     def close(self) -> dict:
-        """Save (when writable), close the tree, end the telemetry log; returns the telemetry summary."""
+        """Flush (when writable), close the tree, end the telemetry log; returns the telemetry summary. The
+        store is released even when the flush fails (the error is raised after)."""
         if self._closed:
             return {}
         self._closed = True
-        if self.tree.writable:
-            self.save()
-        summary = self.engine.telemetry.close(self.engine.timer.totals)
-        self.tree.close()
+        summary: dict = {}
+        try:
+            if self.tree.writable:
+                self.tree.flush()
+                self._save_state(writer_open=False)
+        finally:
+            try:
+                summary = self.engine.telemetry.close(self.engine.timer.totals)
+            finally:
+                self.tree.close()
         return summary
 
     def __enter__(self) -> MegaContext:
@@ -255,45 +352,10 @@ class MegaContext:
     def num_tokens(self) -> int:
         return self.engine.num_tokens
 
+    @property
+    def reach(self) -> int:
+        """Longest history this memory's working context can tile (beyond 10^14 tokens at the defaults)."""
+        return self.engine.wc.reach
+
     def __repr__(self) -> str:
         return f"MegaContext({str(self.root)!r}, {self.engine.wc!r}, focus={self.engine.policy.name})"
-
-
-def read_engine_meta(root: Path) -> dict:
-    if not root.is_dir():
-        raise StoreError(f"store {str(root)!r} does not exist (create it with MegaContext.create)")
-    path = root / ENGINE_FILE
-    if not path.is_file():
-        raise StoreError(f"{str(root)!r} is not a MegaContext store: no {ENGINE_FILE} in it")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{path}: invalid JSON ({e})") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    for key in ("config", "base"):
-        if key not in meta:
-            raise StoreError(f"{path}: missing field {key!r}")
-    return meta
-
-
-def _load_wc(root: Path, cfg: EngineConfig, num_tokens: int) -> WorkingContext:
-    path = root / WC_FILE
-    if not path.is_file():
-        raise StoreError(f"{str(root)!r} has no {WC_FILE}: the working-context state is missing")
-    try:
-        tensors = load_file(str(path))
-        held = int(tensors["num_tokens"][0])
-    except (KeyError, OSError, RuntimeError, SafetensorError) as e:
-        raise StoreError(f"{path}: damaged working-context state ({e})") from e
-    if held > num_tokens:
-        raise StoreError(f"{path}: the working context covers {held} tokens but the tree holds only {num_tokens}")
-    try:
-        wc = WorkingContext.from_state_dict(cfg.wc, tensors)
-    except WorkingContextError as e:
-        raise StoreError(f"{path}: working-context state is not a legal tiling: {e}") from e
-    if held < num_tokens:  # tokens committed after the last save (e.g. a crash): bring the WC up by recency
-        log.warning("%s: tree holds %d tokens, saved WC covers %d; syncing the WC by recency", root, num_tokens,
-                    held)
-        wc.sync(num_tokens)
-    return wc

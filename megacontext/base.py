@@ -8,6 +8,17 @@ Invariants
 - ``fingerprint`` identifies the weights independently of device and load dtype (sampled values are
   rounded to bf16 before hashing), so gists made on a bf16 GPU are accepted by an fp32 CPU load of the
   same checkpoint and refused for any other model.
+
+Model families (checked once, when the adapter is built):
+- State-space and recurrent models (Mamba, RWKV, RecurrentGemma, hybrids such as Jamba) are refused: the
+  engine crops a KV cache to a common prefix and places slots at chosen positions, which a recurrent state
+  cannot do.
+- A learned absolute position table (GPT-2/GPT-Neo ``wpe``, OPT ``embed_positions``, ...) is detected;
+  ``position_limit`` is its size. Such a model cannot read positions past its table, so the API runs it in
+  compact positions (slots numbered 0..T-1) and refuses a budget that would read more than the table holds.
+- A model whose forward takes no ``position_ids`` (BLOOM, MPT: ALiBi; Falcon with ``alibi``) is warned about:
+  positions come from slot order, so gists cannot sit at their span centres (compact positions are what it
+  gets, and what the API records). ``position_ids`` are then not passed at all.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import hashlib
 import inspect
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +39,13 @@ from megacontext.core.device import log_placement, select_device, select_dtype
 log = logging.getLogger(__name__)
 
 _FINGERPRINT_SAMPLES = 4096  # values hashed per tensor: cheap for 3B models, sensitive to any retrain
+# model types whose layers keep a recurrent state instead of (or besides) a croppable KV cache
+_STATE_SPACE_TYPES = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "bamba", "zamba", "zamba2", "falcon_h1",
+    "nemotron_h", "granitemoehybrid", "lfm2", "xlstm", "plamo2", "qwen3_next", "minimax", "lfm2_moe",
+})
+_STATE_SPACE_MODULES = re.compile(r"Mamba|Rwkv|RecurrentBlock|Rglru|SSM|Mixer2", re.IGNORECASE)
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings", "pos_embed", "embed_pos", "wpe_embedding")
 
 
 class BaseModelError(ValueError):
@@ -60,6 +79,28 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def state_space_kind(model: torch.nn.Module) -> str | None:
+    """The model type (or recurrent module class) that makes ``model`` a state-space/recurrent model, else None."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if model_type in _STATE_SPACE_TYPES:
+        return model_type
+    for m in model.modules():
+        if _STATE_SPACE_MODULES.search(type(m).__name__):
+            return type(m).__name__
+    return None
+
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """Positions a learned absolute position table holds (GPT-2 ``wpe``, OPT ``embed_positions``), else None."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            table = int(m.num_embeddings) - int(getattr(m, "offset", 0))  # OPT keeps 2 extra rows
+            cfg = getattr(model, "config", None)
+            declared = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+            return min(table, int(declared)) if isinstance(declared, int) and declared > 0 else table
+    return None
+
+
 def _cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
@@ -70,6 +111,11 @@ class FrozenBase:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, name: str = "in-memory"):
         forward_params = inspect.signature(model.forward).parameters
+        kind = state_space_kind(model)
+        if kind is not None:
+            raise BaseModelError(
+                f"base model {name!r} ({type(model).__name__}, {kind}) is a state-space/recurrent model: MegaContext "
+                "crops a KV cache and places slots at chosen positions, which needs an attention-based causal LM")
         if "inputs_embeds" not in forward_params:
             raise BaseModelError(
                 f"base model {name!r} ({type(model).__name__}) does not accept inputs_embeds; "
@@ -80,6 +126,14 @@ class FrozenBase:
         self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in forward_params), None)
         # transformers renamed past_key_values -> cache (5.2x); speak whichever this version accepts
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        # a learned absolute position table cannot be read past its size; ALiBi-style models take no positions
+        self.position_limit = learned_position_limit(model)
+        self.takes_positions = "position_ids" in forward_params and \
+            not getattr(getattr(model, "config", None), "alibi", False)
+        if not self.takes_positions:
+            log.warning("base model %s (%s) takes no position_ids (ALiBi or similar): positions come from slot order, "
+                        "so gists cannot sit at their span centres; MegaContext reads it in compact positions",
+                        name, type(model).__name__)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -199,9 +253,10 @@ class FrozenBase:
             kwargs[self._cache_arg] = past_key_values
         if logits_to_keep and self._keep_arg:
             kwargs[self._keep_arg] = logits_to_keep
+        if self.takes_positions:
+            kwargs["position_ids"] = position_ids.to(self.device)
         out = self.model(
             inputs_embeds=inputs_embeds.to(self.dtype),
-            position_ids=position_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,

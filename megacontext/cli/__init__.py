@@ -5,6 +5,11 @@ The ``megacontext`` command (also ``python -m megacontext``): the root parser an
 sets ``func(args) -> int``. Grouped commands (``data prepare``, ``train gistnet``, ``eval gist``) register
 into their group's sub-parsers. Command modules are imported only when the CLI is built, and nothing in
 the library imports this package.
+
+User errors: exit code 2 and one line on stderr, never a traceback (``-v`` shows it): bad flags (argparse,
+made one line by :class:`Parser`), and the library's user-facing exceptions (bad values, damaged or busy
+stores, files that do not exist or are not what they should be, invalid YAML). ``fsck`` exits 1 when it finds
+damage. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from megacontext import __version__
@@ -35,6 +41,20 @@ GROUPS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``megacontext ingest: error: argument --k: ... (see ... --help)``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix (reported in one line, exit code 2)."""
+    from megacontext.tree import CommitFailedError, StoreBusyError
+
+    return ValueError, OSError, StoreBusyError, CommitFailedError
+
+
 def config_command(sub, name: str, helptext: str, cls: type[Config], func, description: str | None = None):
     """A sub-command whose flags are generated from config dataclass ``cls``, plus ``--config`` (a YAML file
     of its fields, read first; explicit flags override it). Returns the parser for extra arguments."""
@@ -46,7 +66,7 @@ def config_command(sub, name: str, helptext: str, cls: type[Config], func, descr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megacontext", description=__doc__.splitlines()[0])
+    parser = Parser(prog="megacontext", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"megacontext {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except KeyboardInterrupt:
+        print("megacontext: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of our output went away (| head): stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except user_errors() as e:  # one clear line, no traceback
         if args.verbose:
             raise
-        print(f"megacontext: error: {e}", file=sys.stderr)
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"megacontext: error: {text}", file=sys.stderr)
         return 2

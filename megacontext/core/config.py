@@ -3,7 +3,9 @@
 Every config in MegaContext is a dataclass that inherits :class:`Config`. One definition serves three
 front ends: Python (``GistTrainConfig(steps=100)``), YAML (``GistTrainConfig.from_yaml(path)``) and the
 CLI (``add_config_args`` turns each field into ``--field-name``; nested configs become
-``--section.field-name``). Validation lives in each class's ``__post_init__`` and names the bad value.
+``--section.field-name``). Validation lives in each class's ``__post_init__`` and names the bad value;
+before it, :meth:`Config.from_dict` (YAML, stored configs) checks every value against its field's type
+(``k: abc`` for an int field is a :class:`ConfigError` naming ``k='abc'``, not a ``TypeError`` deep inside).
 """
 
 from __future__ import annotations
@@ -51,11 +53,58 @@ def _scalar_type(tp):
     return tp, False
 
 
+def _numeric(value: Any, tp: type) -> Any:
+    """A YAML scalar for an int/float field: numbers as they are; numeric strings (YAML reads ``3e-4`` as a
+    string) converted; anything else returned unchanged, for the caller to refuse."""
+    if isinstance(value, str):
+        try:
+            return tp(value) if tp is int else float(value)
+        except ValueError:
+            return value
+    return float(value) if tp is float and isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _checked(owner: str, key: str, tp, optional: bool, value: Any) -> Any:
+    """``value`` converted to field type ``tp`` where that is lossless; ConfigError naming the value otherwise."""
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(tp)
+    ok = True
+    if _is_config(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{owner}: {key}={value!r} must be a mapping of {tp.__name__} fields")
+        return tp.from_dict(value)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp in (int, float):
+        value = _numeric(value, tp)
+        ok = isinstance(value, tp) and not isinstance(value, bool)
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif origin is typing.Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is tuple:
+        inner = (typing.get_args(tp) or (Any,))[0]
+        if isinstance(value, list | tuple):
+            value = tuple(_checked(owner, f"{key}[{i}]", inner, False, v) for i, v in enumerate(value))
+        else:
+            ok = False
+    if not ok:
+        want = f"one of {list(typing.get_args(tp))}" if origin is typing.Literal else \
+            f"a {getattr(tp, '__name__', str(tp))}" + (" or null" if optional else "")
+        raise ConfigError(f"{owner}: {key}={value!r} must be {want}")
+    return value
+
+
 class Config:
     """Mixin for dataclass configs."""
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+        """Build from a mapping (YAML, a stored config): unknown keys and values of the wrong type are refused
+        with a ConfigError naming them; nested configs come as mappings."""
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
         data = dict(data or {})
         hints = _field_types(cls)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -64,12 +113,8 @@ class Config:
             raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; expected some of {sorted(names)}")
         kwargs = {}
         for key, value in data.items():
-            tp, _ = _scalar_type(hints[key])
-            if _is_config(tp) and isinstance(value, dict):
-                value = tp.from_dict(value)
-            elif typing.get_origin(tp) is tuple and isinstance(value, list):
-                value = tuple(value)
-            kwargs[key] = value
+            tp, optional = _scalar_type(hints[key])
+            kwargs[key] = _checked(cls.__name__, key, tp, optional, value)
         return cls(**kwargs)
 
     @classmethod
@@ -77,7 +122,13 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -121,6 +172,16 @@ def field_comments(cls: type) -> dict[str, str]:
         if m and m.group(1) not in out and (m.group(2) or above):
             out[m.group(1)] = m.group(2) or " ".join(above)
         above = []
+    return out
+
+
+def config_dests(cls: type[Config], prefix: str = "") -> list[str]:
+    """The argparse ``dest`` of every flag :func:`add_config_args` generates for ``cls`` (``wc.w_max``, ...)."""
+    hints = _field_types(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp, _ = _scalar_type(hints[f.name])
+        out += config_dests(tp, f"{prefix}{f.name}.") if _is_config(tp) else [f"{prefix}{f.name}"]
     return out
 
 

@@ -40,6 +40,7 @@ from megacontext.core.lod import BLOCK
 from megacontext.demo.input import distractors, ships_log
 from megacontext.demo.recall import ChoiceRead, read_choices, read_raw
 from megacontext.runtime.engine import EngineConfig
+from megacontext.runtime.focus_map import focus_runs
 from megacontext.runtime.telemetry import read_jsonl
 from megacontext.runtime.viz import ascii_map, ascii_strip, render_log
 from megacontext.wc import WorkingContextConfig
@@ -194,9 +195,10 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
             r.first_token[k] = rd.greedy[:1] == a[:1]
             r.recalled[k] = rd.greedy[:len(a)] == a
         results.append(r)
-        lods = read_jsonl(focus_mem.root / TELEMETRY_FILE)[0][-1]["lod_map"]
-        strip = ascii_strip(lods, width=96)
-        fact_col = (fact_tok // BLOCK) // -(-len(lods) // 96)  # the strip pools this many blocks per column
+        now = {"focus": focus_runs(focus_mem.engine.wc.levels, focus_mem.num_tokens)}  # the WC as it is now
+        strip = ascii_strip(now, width=96)
+        blocks = -(-focus_mem.num_tokens // BLOCK)
+        fact_col = (fact_tok // BLOCK) // -(-blocks // 96)  # the strip pools this many blocks per column
         say(f"\nQ: {f.question!r} -> {f.answer!r}  (fact at token {fact_tok:,} of {len(history):,}; "
             f"{len(r.candidates)} candidates: {', '.join(c.strip() for c in r.candidates)})")
         lead = f"   focus ({cfg.focus}) now: |"

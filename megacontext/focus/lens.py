@@ -30,7 +30,8 @@ def entry_vectors_from_source(base, source, levels: Tensor, indices: Tensor) -> 
                                 indices[raw].cpu().long())  # [n0, 32]
         mean = base.embed(blocks.to(base.device)).float().mean(1)  # [n0, d]
         out[raw.to(base.device)] = mean * (base.embed_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-    for level in (1, 2):
+    top = int(levels.max()) if levels.numel() else 0  # levels above 2 (LOD3+) are read like any gist
+    for level in range(1, top + 1):
         m = levels == level
         if bool(m.any()):
             out[m.to(base.device)] = source.gather_gists(level, indices[m]).float().to(base.device)

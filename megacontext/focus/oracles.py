@@ -50,8 +50,8 @@ class OraclePolicy:
 
     def candidates(self, state: EntryState, t: int, recent_raw: int) -> tuple[Tensor, Tensor]:
         exp_m, col_m = actionable(state, t, recent_raw)
-        # priority: LOD2 first (largest spans), then the most recent gists; a stable, deterministic order
-        pri = torch.where(state.levels == 2, 1 << 40, 0) + state.indices * (state.levels == 1)
+        # priority: the coarsest gists first (largest spans), then the most recent LOD1; a deterministic order
+        pri = torch.where(state.levels >= 2, state.levels << 40, 0) + state.indices * (state.levels == 1)
         pri = pri.masked_fill(~exp_m, -1)
         k = min(self.max_expand, int(exp_m.sum()))
         e_idx = pri.argsort(descending=True)[:k].sort().values

@@ -9,7 +9,8 @@ Invariants
 - Rows are independent (GistNet has no cross-row operation), as the batching contract requires.
 - Level 2 comes from a stacked LOD2 checkpoint, the checkpoint's own (jointly trained) level 2, or mean
   pooling of LOD1 gists for checkpoints trained for LOD1 only (:mod:`megacontext.gistnet.levels`);
-  :meth:`GistCompressor.load` picks in that order. The choice is part of ``version``.
+  :meth:`GistCompressor.load` picks in that order. The choice is part of ``version``. Levels above 2 are
+  mean-pooled unless the pair carries nets trained for them (then they are part of ``version`` too).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ class GistCompressor:
 
     @torch.no_grad()
     def compress(self, x: Tensor, level: int) -> Tensor:
-        """x [n, 32, d] -> gists [n, d] float32 on the GistNet's device."""
-        if level not in (1, 2):
-            raise ValueError(f"level={level}; gists exist at levels 1 and 2")
+        """x [n, 32, d] -> gists [n, d] float32 on the GistNet's device (levels above 2: see
+        :mod:`megacontext.gistnet.levels`)."""
         return self.net(x.to(self.net.embed_norm.device).float(), level)

@@ -10,6 +10,11 @@ pooling of LOD1 gists (the untrained baseline) instead.
 
 :class:`TwoLevelGist` is the pair seen as one GistNet-style callable ``(x [n, 32, d], level) -> [n, d]`` with
 the LOD1 net's ``lod1_inputs``: what training-free consumers (``megacontext eval gist``) take.
+
+Levels above 2 (LOD3 = 32,768 tokens, ...; added by the tree as a history grows): a net trained for level
+``l`` (``upper[l]``, a stacked net reading 32 LOD``l-1`` gists, run in its level-2 mode) when one is given,
+else mean pooling of the 32 LOD``l-1`` gists rescaled to the embedding norm. Mean pooling is the default and
+adds nothing to the version tag, so stores made before LOD3 existed keep their compressor version.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from torch import Tensor, nn
 
 from megacontext.base import FrozenBase
 from megacontext.core.checkpoint import CheckpointError, read_checkpoint_meta
+from megacontext.core.lod import MAX_LEVEL, NET_LEVELS
 from megacontext.gistnet.model import GistNet
+from megacontext.tree.compressor import mean_pool
 
 
 def read_lod1_inputs(compressor, base: FrozenBase, ids: Tensor) -> Tensor:
@@ -65,13 +72,19 @@ def load_lod2(directory: str | Path, lod1: GistNet, base: FrozenBase) -> GistNet
 
 
 class TwoLevelGist(nn.Module):
-    """LOD1 gists from ``lod1``, LOD2 gists from ``lod2`` (a GistNet, or None = mean pooling of LOD1 gists)."""
+    """LOD1 gists from ``lod1``, LOD2 gists from ``lod2`` (a GistNet, or None = mean pooling of LOD1 gists);
+    levels above 2 from ``upper[level]`` when given, else mean pooling of the level below."""
 
-    def __init__(self, lod1: GistNet, lod2: GistNet | None):
+    def __init__(self, lod1: GistNet, lod2: GistNet | None, upper: dict[int, GistNet] | None = None):
         super().__init__()
-        if lod2 is not None and lod2.d_model != lod1.d_model:
-            raise ValueError(f"LOD2 net d_model={lod2.d_model} differs from the LOD1 net's {lod1.d_model}")
+        upper = dict(upper or {})
+        for level, net in [(2, lod2), *upper.items()]:
+            if net is not None and net.d_model != lod1.d_model:
+                raise ValueError(f"LOD{level} net d_model={net.d_model} differs from the LOD1 net's {lod1.d_model}")
+        if any(not NET_LEVELS < lv <= MAX_LEVEL for lv in upper):
+            raise ValueError(f"upper nets are for levels {NET_LEVELS + 1}..{MAX_LEVEL}, got {sorted(upper)}")
         self.lod1, self.lod2 = lod1, lod2
+        self.upper = nn.ModuleDict({str(lv): net for lv, net in sorted(upper.items())})
         self.d_model = lod1.d_model
 
     @classmethod
@@ -93,19 +106,21 @@ class TwoLevelGist(nn.Module):
     def level2_tag(self) -> str:
         """'' (the LOD1 net's own level 2), ':l2mean' (mean pooling) or ':l2-<hash>' (a stacked LOD2 net)."""
         if self.lod2 is None:
-            return ":l2mean"
-        return "" if self.lod2 is self.lod1 else f":l2-{self.lod2.weights_hash()[:8]}"
+            tag = ":l2mean"
+        else:
+            tag = "" if self.lod2 is self.lod1 else f":l2-{self.lod2.weights_hash()[:8]}"
+        return tag + "".join(f":l{lv}-{net.weights_hash()[:8]}" for lv, net in self.upper.items())
 
     def lod1_inputs(self, base: FrozenBase, ids: Tensor) -> Tensor:
         return self.lod1.lod1_inputs(base, ids)
 
     def forward(self, x: Tensor, level: int = 1) -> Tensor:
-        """x [n, 32, d] -> [n, d] gists of ``level`` (1 or 2)."""
+        """x [n, 32, d] -> [n, d] gists of ``level`` (1..MAX_LEVEL)."""
         if level == 1:
             return self.lod1(x, 1)
-        if level != 2:
-            raise ValueError(f"level={level} must be 1 or 2")
-        if self.lod2 is not None:
-            return self.lod2(x, 2)
-        mean = x.float().mean(dim=1)  # [n, d]
-        return mean * (self.lod1.embed_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        if not 2 <= level <= MAX_LEVEL:
+            raise ValueError(f"level={level} must be in 1..{MAX_LEVEL}")
+        net = self.lod2 if level == 2 else dict(self.upper.items()).get(str(level))
+        if net is not None:
+            return net(x, 2)  # a stacked net reads 32 gists of the level below in its level-2 mode
+        return mean_pool(x, self.lod1.embed_norm)  # [n, d]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from megacontext.core.checkpoint import load_checkpoint, save_checkpoint
 from megacontext.core.config import Config, check
 from megacontext.core.layers import SwiGLU
-from megacontext.core.lod import BLOCK, MAX_LEVEL
+from megacontext.core.lod import BLOCK, NET_LEVELS
 
 if TYPE_CHECKING:
     from megacontext.base import FrozenBase
@@ -176,12 +176,12 @@ class GistNet(nn.Module):
         width = cfg.width(d_model)  # a multiple of 2 * heads, so the RoPE head_dim is even
         self.cfg = cfg
         self.d_model = d_model
-        n_trunks = 1 if cfg.shared_levels else MAX_LEVEL
+        n_trunks = 1 if cfg.shared_levels else NET_LEVELS
         self.trunks = nn.ModuleList(_Trunk(d_model, cfg) for _ in range(n_trunks))
-        self.level_embed = nn.Embedding(MAX_LEVEL, width)  # row level-1
+        self.level_embed = nn.Embedding(NET_LEVELS, width)  # row level-1
         nn.init.normal_(self.level_embed.weight, std=0.02)
         self.register_buffer("embed_norm", torch.tensor(float(embed_norm)))
-        self.log_gain = nn.Parameter(torch.zeros(MAX_LEVEL), requires_grad=cfg.learn_gain)
+        self.log_gain = nn.Parameter(torch.zeros(NET_LEVELS), requires_grad=cfg.learn_gain)
         cos, sin = _rope_tables(BLOCK, width // cfg.heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -216,15 +216,15 @@ class GistNet(nn.Module):
             raise ValueError(f"GistNet expects x of shape [n, {BLOCK}, {self.d_model}], got {tuple(x.shape)}")
         n = x.shape[0]
         if isinstance(level, int):
-            if not 1 <= level <= MAX_LEVEL:
-                raise ValueError(f"level={level} must be 1..{MAX_LEVEL} (the LOD of the gist produced)")
+            if not 1 <= level <= NET_LEVELS:
+                raise ValueError(f"level={level} must be 1..{NET_LEVELS} (the LOD of the gist produced)")
             levels = torch.full((n,), level, dtype=torch.long, device=x.device)
         else:
             levels = level.to(device=x.device, dtype=torch.long).reshape(-1)
             if levels.shape[0] != n:
                 raise ValueError(f"level tensor has {levels.shape[0]} entries, expected one per input row ({n})")
         x = x.to(self.level_embed.weight.dtype)
-        idx = (levels - 1).clamp(0, MAX_LEVEL - 1)  # out-of-range levels are the caller's bug, not a crash here
+        idx = (levels - 1).clamp(0, NET_LEVELS - 1)  # out-of-range levels are the caller's bug, not a crash here
         lvec = self.level_embed(idx)  # [n, w]
         cos, sin = self.rope_cos, self.rope_sin
         if len(self.trunks) == 1:
@@ -267,7 +267,7 @@ class GistNet(nn.Module):
         state, meta = load_checkpoint(directory, kind=KIND, base_fingerprint=base.fingerprint, d_model=base.d_model)
         cfg = GistNetConfig.from_dict(meta["config"])
         net = cls(cfg, base.d_model, embed_norm=float(state["embed_norm"]))
-        state.setdefault("log_gain", torch.zeros(MAX_LEVEL))  # checkpoints from before learn_gain existed
+        state.setdefault("log_gain", torch.zeros(NET_LEVELS))  # checkpoints from before learn_gain existed
         net.load_state_dict(state)
         log.info("loaded GistNet %s (%d params, step %s)", directory, net.num_params(), meta.get("step", "?"))
         return net.to(base.device).eval()

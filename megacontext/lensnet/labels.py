@@ -31,6 +31,7 @@ from tqdm import tqdm
 from megacontext.core.config import Config, check
 from megacontext.core.lod import BLOCK
 from megacontext.lensnet.views import (
+    DOC_LEVELS,
     DocView,
     actionable,
     collapse_variants,
@@ -202,7 +203,8 @@ def generate_labels(base, compressor, docs: list[Tensor], cfg: LabelConfig, out_
             lo = cfg.min_history // BLOCK
             hi = (view.num_tokens - cfg.horizon) // BLOCK
             t = int(torch.randint(lo, hi + 1, (1,), generator=gen)) * BLOCK
-            while min_cost(t, cfg.recent_raw) > w_max and t > BLOCK:  # long docs at small budgets: move earlier
+            # long docs at small budgets: move earlier
+            while min_cost(t, cfg.recent_raw, DOC_LEVELS) > w_max and t > BLOCK:
                 t //= 2
                 t -= t % BLOCK
             rec = label_context(base, view, t, w_max, cfg, gen)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from megacontext.core.checkpoint import load_checkpoint, save_checkpoint
 from megacontext.core.config import Config, check
 from megacontext.core.layers import SwiGLU
-from megacontext.core.lod import MAX_LEVEL
+from megacontext.core.lod import NET_LEVELS
 
 if TYPE_CHECKING:
     from megacontext.base import FrozenBase
@@ -135,7 +135,7 @@ class LensNet(nn.Module):
         self.in_norm = nn.RMSNorm(d_model, elementwise_affine=False)
         self.entry_in = nn.Linear(d_model, width)
         self.tail_in = nn.Linear(d_model, width)
-        self.level_embed = nn.Embedding(MAX_LEVEL + 1, width)
+        self.level_embed = nn.Embedding(NET_LEVELS + 1, width)  # LOD0..2; coarser levels read as LOD2
         self.entry_age = nn.Linear(n_age, width)
         self.tail_age = nn.Linear(n_age, width)
         self.layers = nn.ModuleList(_DualLayer(width, cfg.heads, hidden, cfg.dropout) for _ in range(cfg.layers))
@@ -174,7 +174,7 @@ class LensNet(nn.Module):
         tail_mask = tail_mask.to(dev, torch.bool)
         # the tail's own ages: the last tail slot is the newest token (age 0)
         tail_ages = (t - 1 - torch.arange(t, device=dev)).expand(b, t)  # [B, T]
-        e = (self.entry_in(self.in_norm(entries)) + self.level_embed(levels.clamp(0, MAX_LEVEL))
+        e = (self.entry_in(self.in_norm(entries)) + self.level_embed(levels.clamp(0, NET_LEVELS))
              + self.entry_age(age_encoding(ages, self.cfg.age_features).to(dt)))  # [B, E, w]
         h = self.tail_in(self.in_norm(tail)) + self.tail_age(age_encoding(tail_ages, self.cfg.age_features).to(dt))
         for layer in self.layers:

@@ -1,12 +1,11 @@
 """What LensNet and its labels see of a document: gist tables, sampled tilings, entry features, variants.
 
-A :class:`DocView` holds one document's token ids and its LOD1/LOD2 gists (computed once with any
-compressor). A working context at history length ``t`` (block-aligned) is a tiling
-(:class:`megacontext.wc.tiling.EntryState`) of ``[0, t)``; the base model reads it as a slot sequence in
-which an LOD0 block contributes its 32 tokens at their own positions and a gist one vector at the centre of
-its span. A slot is encoded as ``(token id, gist row)`` with ``gist row = -1`` for raw tokens; gist rows
-index ``cat([lod1, lod2])``.
-
+A :class:`DocView` holds one document's token ids and its LOD1/LOD2 gists (computed once with any compressor); its
+tilings use levels up to :data:`DOC_LEVELS` = 2 only (what LensNet is trained on), so every tiling function below is
+called with ``max_level=DOC_LEVELS``. A working context at history length ``t`` (block-aligned) is a tiling
+(:class:`megacontext.wc.tiling.EntryState`) of ``[0, t)``; the base model reads it as a slot sequence in which an
+LOD0 block contributes its 32 tokens at their own positions and a gist one vector at the centre of its span. A slot
+is encoded as ``(token id, gist row)`` with ``gist row = -1`` for raw tokens; gist rows index ``cat([lod1, lod2])``.
 Variants (the counterfactuals of the labels) change one entry: an expansion replaces one slot by 32, a
 collapse replaces 32 slots by one, so every variant of one kind has the same length (L + 31 or L - 31) and
 a whole batch of them is built by one broadcast ``torch.where`` over ``[n, L +- 31]`` indices, without
@@ -30,6 +29,8 @@ from megacontext.wc import (
     min_cost,
     sibling_runs,
 )
+
+DOC_LEVELS = 2  # a DocView holds LOD1 and LOD2 gists; its tilings never use a coarser level
 
 
 def compress(compressor, x: Tensor, level: int) -> Tensor:
@@ -108,7 +109,8 @@ def actionable(state: EntryState, t: int, recent_raw: int) -> tuple[Tensor, Tens
     """(expandable [E], collapsible [E]) bool masks of a legal tiling at history length t."""
     fp = first_protected_block(t, recent_raw)
     expandable = state.levels >= 1
-    collapsible = ((state.levels == 0) & (state.indices < fp)) | sibling_runs(state.levels, state.indices, fp)
+    runs = sibling_runs(state.levels, state.indices, fp, DOC_LEVELS)
+    collapsible = ((state.levels == 0) & (state.indices < fp)) | runs
     return expandable, collapsible
 
 
@@ -117,14 +119,14 @@ def recency_tiling(t: int, w_max: int, recent_raw: int, device=None) -> EntrySta
     nb = t // BLOCK
     z = torch.zeros(nb, dtype=torch.long, device=device)
     state = EntryState(z, torch.arange(nb, device=device), z.clone(), z.clone())
-    return collapse_by_recency(state, t, recent_raw, w_max, step=0)
+    return collapse_by_recency(state, t, recent_raw, w_max, step=0, max_level=DOC_LEVELS)
 
 
 def sample_tiling(t: int, w_max: int, recent_raw: int, n_expand: int, n_collapse: int,
                   gen: torch.Generator, device=None) -> EntryState:
     """A legal tiling near the recency one: recency at a budget shifted by the planned moves, then
     ``n_expand`` random gists expanded and ``n_collapse`` random collapsible entries collapsed, then refit."""
-    w0 = max(w_max + (n_collapse - n_expand) * (BLOCK - 1), min_cost(t, recent_raw))
+    w0 = max(w_max + (n_collapse - n_expand) * (BLOCK - 1), min_cost(t, recent_raw, DOC_LEVELS))
     state = recency_tiling(t, w0, recent_raw, device)
     for kind, k in (("expand", n_expand), ("collapse", n_collapse)):
         exp_m, col_m = actionable(state, t, recent_raw)
@@ -137,7 +139,7 @@ def sample_tiling(t: int, w_max: int, recent_raw: int, n_expand: int, n_collapse
         none = torch.zeros_like(cand)
         state = apply_actions(state, pick if kind == "expand" else none, pick if kind == "collapse" else none, 0,
                               mark=False)
-    return collapse_by_recency(state, t, recent_raw, w_max, step=0)
+    return collapse_by_recency(state, t, recent_raw, w_max, step=0, max_level=DOC_LEVELS)
 
 
 def expand_variants(view: DocView, state: EntryState, which: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,5 +192,7 @@ class DocSource:
         return self.view.ids[start:end]
 
     def gather_gists(self, level: int, indices: Tensor) -> Tensor:
+        if level not in (1, 2):
+            raise ValueError(f"level={level}; a DocView holds LOD1 and LOD2 gists only")
         table = self.view.lod1 if level == 1 else self.view.lod2
         return table[indices.to(table.device)]

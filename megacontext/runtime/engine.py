@@ -48,7 +48,7 @@ from megacontext.core.lod import BLOCK
 from megacontext.focus.policy import FocusPolicy, FocusState, Phase
 from megacontext.focus.registry import POLICY_NAMES, make_policy
 from megacontext.runtime.sampling import Sampler, SamplingConfig
-from megacontext.runtime.telemetry import StageTimer, StepRecord, Telemetry, lod_map
+from megacontext.runtime.telemetry import StageTimer, StepRecord, Telemetry, TelemetryConfig
 from megacontext.tree.window import gathering
 from megacontext.wc import (
     ACTION_COST,
@@ -74,6 +74,7 @@ class EngineConfig(Config):
     query_rounds: int = 4  # allocator steps after a prompt, with the prompt as the query (see module doc)
     cache_reuse: bool = True  # generation: crop the KV cache to the unchanged WC prefix instead of re-reading
     debug: bool = False  # check every tiling invariant after every WC change
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # what telemetry.jsonl records
 
     def __post_init__(self):
         check(self.k >= 1, f"k={self.k} must be >= 1")
@@ -257,7 +258,7 @@ class Engine:
         self.telemetry.log(StepRecord(
             step=self.step, num_tokens=n, phase=phase, entries=len(self.wc), wc_cost=self.wc.cost,
             w_max=self.cfg.wc.w_max, expands=exp, collapses=col,
-            lod_map=lod_map(self.wc.levels, self.wc.indices, n), latency_ms=self.timer.drain()))
+            tiling=(self.wc.levels, self.wc.indices), latency_ms=self.timer.drain()))
 
     def focus_on(self, query: Tensor, rounds: int | None = None, phase: Phase = "generate") -> None:
         """Run ``rounds`` allocator steps with ``query`` (e.g. a prompt) as what is being read now."""

@@ -1,6 +1,7 @@
 """Focus visualisation from a telemetry log: level of detail along the history over refocus steps.
 
-Three renderings of the same data (the ``lod_map`` strings of :mod:`megacontext.runtime.telemetry`):
+Three renderings of the same data (the focus maps of :mod:`megacontext.runtime.telemetry`: run-length
+``focus`` strings, or the ``lod_map`` strings of logs written before them; rows without a map are skipped):
 - :func:`render_png`: a focus map (x = history position in tokens, y = refocus step, colour = LOD; white
   where the history did not exist yet) above utilisation and swap-rate curves. matplotlib, Agg backend.
 - :func:`render_html`: a self-contained page (the PNG inlined as base64, the summary and an ASCII
@@ -9,7 +10,8 @@ Three renderings of the same data (the ``lod_map`` strings of :mod:`megacontext.
 
 Design choice: when a map has more blocks (or steps) than pixels, a pixel shows the *finest* level
 among the blocks it covers, because the interesting thing in a focus map is where detail was kept; an
-average would wash out a single raw block in a long history.
+average would wash out a single raw block in a long history. Pooling works on the runs directly
+(:func:`pooled_levels`), so drawing a 100M-token history never expands it to one value per block.
 """
 
 from __future__ import annotations
@@ -24,50 +26,62 @@ from pathlib import Path
 import numpy as np
 
 from megacontext.core.lod import BLOCK
-from megacontext.runtime.telemetry import read_jsonl, summarise
+from megacontext.runtime.focus_map import row_runs
+from megacontext.runtime.telemetry import read_log, summarise
 
 log = logging.getLogger(__name__)
 
-ASCII_CHARS = {0: "#", 1: "=", 2: ".", -1: " "}
-LEGEND = "# raw (LOD0)   = LOD1 gist   . LOD2 gist"
+ASCII_CHARS = {0: "#", 1: "=", 2: ".", -1: " ", **{lv: "," for lv in range(3, 9)}}
+LEGEND = "# raw (LOD0)   = LOD1 gist   . LOD2 gist   , LOD3+ gist"
 ZOOM_STEPS = 24
-_COLOURS = ["#ffffff", "#b2182b", "#f4a582", "#d1e5f0"]  # future, LOD0, LOD1, LOD2
+# future, LOD0, LOD1, LOD2, LOD3, ... LOD8
+_COLOURS = ["#ffffff", "#b2182b", "#f4a582", "#d1e5f0", "#92c5de", "#4393c3", "#2166ac", "#053061", "#222222",
+            "#000000"]
+
+
+def pooled_levels(levels: np.ndarray, blocks: np.ndarray, cols: int, pool: int) -> np.ndarray:
+    """The finest level in each of ``cols`` columns of ``pool`` blocks, from runs (levels [R], blocks [R]);
+    -1 where a column lies past the history. O(levels present x (R + cols)), never O(blocks)."""
+    out = np.full(cols, -1, dtype=np.int16)
+    if levels.size == 0:
+        return out
+    ends = np.cumsum(blocks)  # [R]
+    starts = ends - blocks
+    edges = np.minimum(np.arange(cols + 1, dtype=np.int64) * pool, ends[-1])  # column boundaries in blocks
+    run = np.minimum(np.searchsorted(ends, edges, side="right"), levels.size - 1)  # run holding each edge
+    for v in sorted(set(levels.tolist()), reverse=True):  # coarse to fine: finer levels overwrite
+        fine = (levels <= v).astype(np.int64)
+        before = np.r_[0, np.cumsum(fine * blocks)]  # blocks at levels <= v before each run
+        upto = before[run] + np.clip(edges - starts[run], 0, blocks[run]) * fine[run]  # [cols + 1]
+        out[np.diff(upto) > 0] = v
+    return out
 
 
 def lod_matrix(steps: list[dict], max_rows: int = 600, max_cols: int = 1200) -> tuple[np.ndarray, int, list[int]]:
     """-> (matrix [rows, cols] of levels with -1 = not yet in history, tokens per column, step ids per row).
 
-    Rows are evenly spaced steps; columns pool blocks by the finest level (min over non-missing)."""
-    if not steps:
-        raise ValueError("no refocus steps to draw (the telemetry log holds no 'step' rows)")
-    pick = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), max_rows)).round().astype(int))
-    rows = [steps[i] for i in pick]
-    n_blocks = max(len(r["lod_map"]) for r in rows)
-    n_blocks = max(n_blocks, 1)
-    full = np.full((len(rows), n_blocks), -1, dtype=np.int16)
-    for i, r in enumerate(rows):
-        m = np.frombuffer(r["lod_map"].encode("ascii"), dtype=np.uint8).astype(np.int16) - ord("0")
-        full[i, : m.size] = m
+    Rows are evenly spaced among the steps that carry a focus map; columns pool blocks by the finest level."""
+    mapped = [(r, runs) for r in steps if (runs := row_runs(r)) is not None]
+    if not mapped:
+        raise ValueError("no refocus steps to draw (the telemetry log holds no 'step' rows with a focus map)")
+    pick = np.unique(np.linspace(0, len(mapped) - 1, min(len(mapped), max_rows)).round().astype(int))
+    rows = [mapped[i] for i in pick]
+    n_blocks = max(max(int(runs[1].sum()) for _, runs in rows), 1)
     pool = -(-n_blocks // max_cols)  # blocks per column
     cols = -(-n_blocks // pool)
-    padded = np.full((len(rows), cols * pool), -1, dtype=np.int16)
-    padded[:, :n_blocks] = full
-    grouped = padded.reshape(len(rows), cols, pool)
-    big = np.where(grouped < 0, 99, grouped).min(axis=2)  # finest existing level per column
-    return np.where(big == 99, -1, big), pool * BLOCK, [int(r["step"]) for r in rows]
+    mat = np.stack([pooled_levels(lv, nb, cols, pool) for _, (lv, nb) in rows])
+    return mat, pool * BLOCK, [int(r["step"]) for r, _ in rows]
 
 
-def ascii_strip(lods: str, width: int = 100) -> str:
-    """One line for one ``lod_map`` string, pooled to ``width`` characters (finest level wins)."""
-    if not lods:
+def ascii_strip(row: dict | str, width: int = 100) -> str:
+    """One line for one focus map (a JSONL row, or an old ``lod_map`` string), pooled to ``width`` characters
+    (finest level wins)."""
+    runs = row_runs({"lod_map": row} if isinstance(row, str) else row)
+    if runs is None or not runs[1].sum():
         return ""
-    m = np.frombuffer(lods.encode("ascii"), dtype=np.uint8).astype(np.int16) - ord("0")
-    pool = -(-m.size // width)
-    cols = -(-m.size // pool)
-    padded = np.full(cols * pool, 99, dtype=np.int16)
-    padded[: m.size] = m
-    finest = padded.reshape(cols, pool).min(axis=1)
-    return "".join(ASCII_CHARS[int(v)] for v in finest)
+    n = int(runs[1].sum())
+    pool = -(-n // width)
+    return "".join(ASCII_CHARS[int(v)] for v in pooled_levels(*runs, -(-n // pool), pool))
 
 
 def ascii_map(steps: list[dict], width: int = 100, height: int = 16) -> str:
@@ -91,17 +105,20 @@ def _figure(steps: list[dict], summary: dict, title: str):
     fig, axes = plt.subplots(4, 1, figsize=(11, 10.5), gridspec_kw={"height_ratios": [4, 1.6, 1.1, 1.1]},
                              constrained_layout=True)
     cmap = ListedColormap(_COLOURS)
-    norm = BoundaryNorm([-1.5, -0.5, 0.5, 1.5, 2.5], cmap.N)
+    norm = BoundaryNorm([v - 0.5 for v in range(-1, len(_COLOURS))], cmap.N)
     # the whole run, then a zoom on the last steps (where a prompt's refocus shows; the run hides it)
-    for ax, rows, label in ((axes[0], steps, title), (axes[1], steps[-ZOOM_STEPS:], f"last {ZOOM_STEPS} steps")):
+    mapped = [r for r in steps if row_runs(r) is not None]
+    top = 2
+    for ax, rows, label in ((axes[0], mapped, title), (axes[1], mapped[-ZOOM_STEPS:], f"last {ZOOM_STEPS} maps")):
         mat, tok_per_col, ids = lod_matrix(rows)
+        top = max(top, int(mat.max()))
         ax.imshow(mat, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
                   extent=(0, mat.shape[1] * tok_per_col, ids[-1] + 0.5, ids[0] - 0.5))
         ax.set_ylabel("refocus step")
         ax.set_title(label, fontsize=10)
     axes[1].set_xlabel("history position (tokens)")
     axes[0].legend(handles=[Patch(color=_COLOURS[i + 1], label=f"LOD{i}" + (" (raw)" if i == 0 else " gist"))
-                            for i in range(3)], loc="lower left", fontsize=8, framealpha=0.9)
+                            for i in range(top + 1)], loc="lower left", fontsize=8, framealpha=0.9)
     x = [s["step"] for s in steps]
     axes[2].plot(x, [s["wc_cost"] for s in steps], lw=1, label="WC cost")
     axes[2].axhline(steps[-1]["w_max"], color="k", ls="--", lw=0.8, label="W_max")
@@ -154,8 +171,8 @@ table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:2px 8px;font-
 
 
 def render_log(log_path: str | Path, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """Read a telemetry JSONL and write ``focus_map.png`` + ``focus_map.html`` into ``out_dir``."""
-    steps, _ = read_jsonl(log_path)
+    """Read a telemetry JSONL (and its rotated predecessors) and write ``focus_map.png`` + ``focus_map.html``."""
+    steps, _ = read_log(log_path)
     summary = summarise(steps)  # over every session appended to the log, not just the last one
     out_dir = Path(out_dir)
     title = title or f"MegaContext focus map ({Path(log_path).name})"

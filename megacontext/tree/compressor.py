@@ -1,11 +1,11 @@
 """The compressor protocol the tree calls to make gists, and the mean-pool baseline compressor.
 
-The tree never imports a network: it is handed any object with ``version``, ``d_model``, ``embed`` and
-``compress``. Level 1 compresses the token embeddings of one 32-token block; level 2 compresses 32 stored
-LOD1 gists. Gists are compared across runs by ``version``, so a compressor must change its version string
-whenever its outputs change (new weights, new architecture); the tree refuses stores made by another
-version unless asked to rebuild.
-
+The tree never imports a network: it is handed any object with ``version``, ``d_model``, ``embed`` and ``compress``.
+Level 1 compresses the token embeddings of one 32-token block; level ``l >= 2`` compresses 32 stored LOD``l-1``
+gists (levels above 2 are mean-pooled by every compressor shipped, :func:`mean_pool`, unless a network trained for
+that level is given). Gists are compared across runs by ``version``, so a compressor must change its version string
+whenever its outputs change (new weights, new architecture); the tree refuses stores made by another version unless
+asked to rebuild.
 Batching contract: ``compress`` gets ``n`` independent rows at once and must treat them independently
 (no cross-row normalisation), so the tree may batch blocks however it likes.
 """
@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from megacontext.core.lod import BLOCK
+from megacontext.core.lod import BLOCK, MAX_LEVEL
 
 
 @runtime_checkable
@@ -31,9 +31,9 @@ class Compressor(Protocol):
         ...
 
     def compress(self, x: Tensor, level: int) -> Tensor:
-        """x [n, 32, d] (token embeddings at level 1, LOD1 gists at level 2) -> gists [n, d].
+        """x [n, 32, d] (token embeddings at level 1, LOD``l-1`` gists at level ``l >= 2``) -> gists [n, d].
 
-        Level-2 inputs arrive as float32 CPU tensors read from the store; move them to your device."""
+        Inputs of levels >= 2 arrive as float32 CPU tensors read from the store; move them to your device."""
         ...
 
 
@@ -45,6 +45,13 @@ def table_digest(table: Tensor) -> str:
     h = hashlib.sha256(str(tuple(table.shape)).encode())
     h.update(flat.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()[:12]
+
+
+def mean_pool(x: Tensor, target_norm: float | Tensor) -> Tensor:
+    """x [n, 32, d] -> [n, d] float32: the mean of the 32 inputs rescaled to ``target_norm`` (averaging shrinks
+    vectors, and the base model has only ever seen rows of its embedding table's norm)."""
+    mean = x.float().mean(dim=1)  # [n, d]
+    return mean * (target_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
 
 class MeanPoolCompressor:
@@ -73,12 +80,11 @@ class MeanPoolCompressor:
         return self.table[ids.to(self.table.device)]  # [n, 32, d]
 
     def compress(self, x: Tensor, level: int) -> Tensor:
-        if level not in (1, 2):
-            raise ValueError(f"level={level}; gists exist at levels 1 and 2")
+        if not 1 <= level <= MAX_LEVEL:
+            raise ValueError(f"level={level}; gists exist at levels 1..{MAX_LEVEL}")
         if x.dim() != 3 or x.shape[1] != BLOCK or x.shape[2] != self.d_model:
             raise ValueError(f"x must be [n, {BLOCK}, {self.d_model}], got {tuple(x.shape)}")
-        mean = x.float().mean(dim=1)  # [n, d]
-        return mean * (self.target_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return mean_pool(x, self.target_norm)
 
 
 @torch.no_grad()
@@ -90,11 +96,14 @@ def gists_of_blocks(compressor: Compressor, ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def gists_of_groups(compressor: Compressor, lod1: Tensor) -> Tensor:
-    """Level-2 gists: lod1 [32m, d] (as stored) -> [m, d] float32 on CPU."""
-    if lod1.shape[0] % BLOCK:
-        raise ValueError(f"level-2 input must hold a multiple of {BLOCK} LOD1 gists, got {lod1.shape[0]}")
-    if lod1.shape[0] == 0:
+def gists_of_groups(compressor: Compressor, below: Tensor, level: int = 2) -> Tensor:
+    """Gists of ``level >= 2``: below [32m, d] (LOD``level-1`` gists as stored) -> [m, d] float32 on CPU."""
+    if level < 2:
+        raise ValueError(f"level={level}; groups of gists make levels >= 2")
+    if below.shape[0] % BLOCK:
+        raise ValueError(f"level-{level} input must hold a multiple of {BLOCK} LOD{level - 1} gists, "
+                         f"got {below.shape[0]}")
+    if below.shape[0] == 0:
         return torch.empty(0, compressor.d_model)
-    x = lod1.float().reshape(-1, BLOCK, lod1.shape[-1])  # [m, 32, d]
-    return compressor.compress(x, 2).float().cpu()
+    x = below.float().reshape(-1, BLOCK, below.shape[-1])  # [m, 32, d]
+    return compressor.compress(x, level).float().cpu()

@@ -7,14 +7,14 @@ Everything above the tree reads a history through this protocol: materialisation
 label generation and benchmarks implement the part their readers use. Invariants shared by every
 implementation:
 
-- ``num_entries(0) == num_entries(1) == num_tokens // 32`` and ``num_entries(2) == num_tokens // 1024``;
-  the ``num_tokens % 32`` tokens after the last complete block form the tail (``tail_tokens()``), which has
-  no gist yet.
+- ``num_entries(0) == num_entries(1) == num_tokens // 32`` and ``num_entries(l) == num_tokens // 32 ** l``
+  for every gist level ``l`` (LOD2: per 1,024 tokens, LOD3: per 32,768, ...); the ``num_tokens % 32`` tokens
+  after the last complete block form the tail (``tail_tokens()``), which has no gist yet.
 - ``tokens`` returns int64 ids; ``gists`` (a range) and ``gather_gists`` (any index set, unsorted and
   repeated allowed) return ``[n, d]`` in the history's gist dtype on CPU. A gather reads only the rows
   asked for, so its cost does not depend on how far apart they lie.
-- LOD2 gists are computed from LOD1 gists *as stored* (after rounding to the gist dtype), so a history
-  rebuilt from its tokens reproduces its gists bit for bit whatever the batching.
+- Gists of level ``l >= 2`` are computed from the 32 LOD``l-1`` gists *as stored* (after rounding to the
+  gist dtype), so a history rebuilt from its tokens reproduces its gists bit for bit whatever the batching.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from megacontext.core.lod import BLOCK, MAX_LEVEL, complete_entries
 from megacontext.tree.compressor import Compressor, gists_of_blocks, gists_of_groups
 from megacontext.tree.format import DTYPES, GIST_DTYPES
+
+_INT32_IDS = 2**31  # LOD0 stores int32 ids
 
 
 def check_range(what: str, start: int, end: int, limit: int) -> None:
@@ -41,8 +44,8 @@ def check_level(level: int) -> None:
 
 
 def check_gist_level(level: int) -> None:
-    if level not in (1, 2):
-        raise ValueError(f"level={level}; gists exist at levels 1 and 2")
+    if not 1 <= level <= MAX_LEVEL:
+        raise ValueError(f"level={level}; gists exist at levels 1..{MAX_LEVEL}")
 
 
 def check_indices(what: str, indices: Tensor, limit: int) -> Tensor:
@@ -58,6 +61,27 @@ def check_indices(what: str, indices: Tensor, limit: int) -> Tensor:
             bad = int(lo) if lo < 0 else int(hi)
             raise IndexError(f"{what} index {bad} is outside [0, {limit})")
     return idx
+
+
+def as_token_array(ids, vocab_size: int | None = None) -> np.ndarray:
+    """Token ids (tensor, array or list) -> int32 [n], refusing non-integers (TypeError) and ids outside
+    ``[0, vocab_size)`` (ValueError naming the id; without a vocabulary, the int32 range)."""
+    if isinstance(ids, Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, got a {ids.dtype} tensor")
+        arr = ids.detach().cpu().numpy()
+    else:
+        arr = np.asarray(ids)
+    arr = arr.reshape(-1)
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        limit = vocab_size or _INT32_IDS
+        if lo < 0 or hi >= limit:
+            where = f"the vocabulary of {vocab_size}" if vocab_size else f"[0, {_INT32_IDS - 1}]"
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside {where} (ids must lie in [0, {limit}))")
+    return arr.astype(np.int32)
 
 
 def gather_by_runs(read_range: Callable[[int, int], Tensor], indices: Tensor) -> Tensor:
@@ -96,11 +120,11 @@ class HistorySource(Protocol):
         ...
 
     def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
-        """Gists (level 1 or 2) with indices [start_index, end_index) -> [n, d]."""
+        """Gists (level >= 1) with indices [start_index, end_index) -> [n, d]."""
         ...
 
     def gather_gists(self, level: int, indices: Tensor) -> Tensor:
-        """Gists (level 1 or 2) at ``indices`` [n] (any order, repeats allowed) -> [n, d]."""
+        """Gists (level >= 1) at ``indices`` [n] (any order, repeats allowed) -> [n, d]."""
         ...
 
     def num_entries(self, level: int) -> int: ...
@@ -109,7 +133,8 @@ class HistorySource(Protocol):
 
 
 class InMemoryHistory:
-    """A whole token history with its gists precomputed in RAM (batched compressor calls, no grad)."""
+    """A whole token history with its gists precomputed in RAM (batched compressor calls, no grad), every level
+    the history reaches (LOD1, LOD2, and LOD3+ once it is long enough)."""
 
     def __init__(self, tokens: Tensor, compressor: Compressor, fingerprint: str = "",
                  gist_dtype: str = "float16", batch_blocks: int = 4096):
@@ -125,12 +150,15 @@ class InMemoryHistory:
         n1 = complete_entries(tokens.numel(), 1)
         blocks = tokens[: n1 * BLOCK].view(n1, BLOCK)  # [n1, 32]
         lod1 = [gists_of_blocks(compressor, blocks[i:i + batch_blocks]).to(dt) for i in range(0, n1, batch_blocks)]
-        self._lod1 = torch.cat(lod1) if lod1 else torch.empty(0, self.d_model, dtype=dt)  # [n1, d]
-        n2 = complete_entries(tokens.numel(), 2)
+        self._levels = {1: torch.cat(lod1) if lod1 else torch.empty(0, self.d_model, dtype=dt)}  # level -> [n, d]
         step = max(batch_blocks // BLOCK, 1) * BLOCK
-        lod2 = [gists_of_groups(compressor, self._lod1[i:min(i + step, n2 * BLOCK)]).to(dt)
-                for i in range(0, n2 * BLOCK, step)]
-        self._lod2 = torch.cat(lod2) if lod2 else torch.empty(0, self.d_model, dtype=dt)  # [n2, d]
+        level = 2
+        while level <= MAX_LEVEL and (n := complete_entries(tokens.numel(), level)):
+            below = self._levels[level - 1]
+            parts = [gists_of_groups(compressor, below[i:min(i + step, n * BLOCK)], level).to(dt)
+                     for i in range(0, n * BLOCK, step)]
+            self._levels[level] = torch.cat(parts)  # [n, d]
+            level += 1
 
     @property
     def num_tokens(self) -> int:
@@ -144,15 +172,17 @@ class InMemoryHistory:
         check_range("token", start, end, self.num_tokens)
         return self._tokens[start:end].clone()
 
-    def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
+    def _table(self, level: int) -> Tensor:
         check_gist_level(level)
-        store = self._lod1 if level == 1 else self._lod2
+        return self._levels.get(level, self._levels[1][:0])
+
+    def gists(self, level: int, start_index: int, end_index: int) -> Tensor:
+        store = self._table(level)
         check_range(f"LOD{level} gist", start_index, end_index, store.shape[0])
         return store[start_index:end_index].clone()
 
     def gather_gists(self, level: int, indices: Tensor) -> Tensor:
-        check_gist_level(level)
-        store = self._lod1 if level == 1 else self._lod2
+        store = self._table(level)
         return store[check_indices(f"LOD{level} gist", indices, store.shape[0])]  # [n, d], a copy
 
     def tail_tokens(self) -> Tensor:

@@ -3,9 +3,9 @@
 Scores: positive = the entry wants more detail (expand), negative = it can lose detail (collapse).
 
 Policy (greedy by priority, pure tensor code, one host sync for the rebuild):
-- Expansion candidates: gists (LOD1/LOD2) with ``score > tau_expand``, best first.
-- Collapse candidates: unprotected LOD0 blocks (score = their own) and complete runs of 32 LOD1 siblings
-  (score = mean of the run), worst first. A member's expansion is dropped when its run is collapsed, which
+- Expansion candidates: gists (any level >= 1) with ``score > tau_expand``, best first.
+- Collapse candidates: unprotected LOD0 blocks (score = their own) and complete runs of 32 siblings of one
+  gist level (score = mean of the run), worst first. A member's expansion is dropped when its run is collapsed, which
   only frees budget, so the step stays legal.
   Collapses with ``score < -tau_collapse`` are *voluntary*; weaker ones are only used to *pay* for an
   expansion, and only when the expansion's score beats theirs by ``swap_margin``.
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from megacontext.core.config import Config, check
-from megacontext.core.lod import BLOCK, cost_tensor
+from megacontext.core.lod import BLOCK, MAX_LEVEL, cost_tensor, span_tensor
 from megacontext.wc.tiling import (
     ACTION_COST,
     COLLAPSED,
@@ -72,7 +72,7 @@ class StepTelemetry:
     swap_rate: Tensor  # changed 32-token blocks / complete blocks
     utilisation: Tensor  # cost after the step / w_max
     residency_changed: Tensor  # mean steps the changed entries had spent at their level (nan if none)
-    residency_by_level: Tensor  # [3] mean age of entries at LOD0/1/2 after the step (nan where absent)
+    residency_by_level: Tensor  # [MAX_LEVEL + 1] mean age of entries at each LOD after the step (nan where absent)
 
     def actions(self) -> list[tuple[str, int, int]]:
         """(kind, level, index) of every action, in time order (syncs; for logs and tests)."""
@@ -136,7 +136,7 @@ def choose_actions(scores: Tensor, state: EntryState, *, w_max: int, tail_cost: 
     k = torch.maximum(need_m, torch.minimum(n_vol, cfg.n_diff - m))
     expand, collapse = _first_k(x_order, m), _first_k(c_order, k)
     # a run that collapses outvotes its members' expansion wishes; dropping expansions only frees budget
-    expand = expand & ~group_members(collapse & (lv == 1))
+    expand = expand & ~group_members(collapse & (lv >= 1))
     return expand, collapse
 
 
@@ -160,9 +160,9 @@ def allocate(scores: Tensor, state: EntryState, *, w_max: int, tail_cost: int, p
     age = (step - state.born).float()
     residency_changed = (age * changed).sum() / changed.sum()  # nan when nothing changed, by design
     new_age = (step - new.born).float()
-    onehot = torch.nn.functional.one_hot(new.levels, 3).float()  # [E', 3]
+    onehot = torch.nn.functional.one_hot(new.levels, MAX_LEVEL + 1).float()  # [E', MAX_LEVEL + 1]
     per_level = (new_age[:, None] * onehot).sum(0) / onehot.sum(0)  # nan for absent levels
-    blocks = torch.where(lv == 2, BLOCK, 1).sum().clamp(min=1)
+    blocks = (span_tensor(lv) // BLOCK).sum().clamp(min=1)
     cost_after = cost_before + ACTION_COST * (n_expand - n_collapse)
     tel = StepTelemetry(
         expand=expand, collapse=collapse, levels_before=lv, indices_before=state.indices,

@@ -11,7 +11,7 @@ Position modes (``WorkingContextConfig.position_mode``):
 
 Design: no per-entry Python loop. Raw token ids are read per *contiguous raw run* (a handful: the recent
 region plus expanded islands) and embedded with one ``embed`` call; gists are read with one
-``gather_gists`` call per level; everything is then placed in slot order by a single gather through the
+``gather_gists`` call per gist level present; everything is then placed in slot order by a single gather through the
 inverse slot permutation, which keeps the result differentiable in the gists. Batched materialisation
 embeds the raw tokens of all working contexts in one call and left-pads, so ``logits[:, -1]`` is every
 row's next-token prediction.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megacontext.core.lod import BLOCK, MAX_LEVEL, centre_tensor, cost_tensor, entry_bounds, segment_ids
+from megacontext.core.lod import BLOCK, centre_tensor, cost_tensor, entry_bounds, segment_ids
 from megacontext.wc.tiling import WorkingContextError
 
 TAIL_SLOT, PAD_SLOT = -1, -2  # slot_entry values for raw-tail slots and (batched) padding
@@ -102,7 +102,8 @@ def _plan(levels: Tensor, indices: Tensor, num_tokens: int, source, position_mod
     positions = torch.zeros(length, dtype=torch.long, device=dev)
     positions[raw_slots] = raw_pos
     gists = []
-    for level in range(1, MAX_LEVEL + 1):
+    top = int(levels.max()) if levels.numel() else 0  # one sync; a history uses only the levels it needs
+    for level in range(1, top + 1):
         sel = levels == level
         idx = indices[sel]
         if idx.numel():

@@ -7,13 +7,21 @@ current level) and ``origin [E]`` (how it got there: by an expansion, a collapse
 Invariants of a legal tiling over a history of ``N`` tokens (``B = N // 32`` complete blocks):
 - entries are in time order and tile ``[0, 32 * B)`` without gaps or overlaps; the partial tail
   ``[32 * B, N)`` is not an entry, it is always raw;
-- levels are 0, 1 or 2; spans are block-aligned by construction of ``(level, index)`` addressing, and an
-  LOD2 entry only ever covers a complete 1,024-token span because the tiling ends at ``32 * B``;
+- levels are 0..``max_level`` (default :data:`~megacontext.core.lod.MAX_LEVEL`); spans are block-aligned by
+  construction of ``(level, index)`` addressing, and a gist only ever covers a complete span because the
+  tiling ends at ``32 * B``;
 - every block overlapping the most recent ``recent_raw`` tokens is LOD0 ("protected");
 - cost (32 per LOD0 block, 1 per gist, plus the tail length) never exceeds ``w_max``.
 
-Design choice: every legal action changes the cost by exactly 31 slots (LOD1 -> LOD0 and LOD2 -> 32
-LOD1 both add 31; the inverse collapses free 31), so budget bookkeeping reduces to counting actions.
+Design choice: every legal action changes the cost by exactly 31 slots (LOD1 -> LOD0 and LOD``l`` -> 32
+LOD``l-1`` both add 31; the inverse collapses free 31), so budget bookkeeping reduces to counting actions.
+
+Depth: levels above LOD2 are used only when the levels below no longer fit (the recency collapse merges
+runs level by level, oldest first; the raw-first tiling tries top level 2 before 3, ...), so histories that
+fit two levels tile exactly as they did before LOD3 existed. The cheapest tiling costs the protected raw
+suffix plus the base-32 digit sum of the older blocks (:func:`~megacontext.core.lod.coarsest_cost`), so a
+budget ``w_max`` reaches about ``32 ** ((w_max - recent_raw - 31) / 31)`` blocks (:func:`reach`):
+astronomically far for any practical budget, though not for one at the floor :func:`min_w_max`.
 Rebuilding after a set of actions is one :func:`~megacontext.core.lod.segment_ids` call: the new entry
 count decides tensor sizes, so it must reach the host once; callers that know it from the action counts
 pass it in and avoid even that sync. ``segment_ids`` replaces ``torch.repeat_interleave``, which (with or
@@ -28,7 +36,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megacontext.core.lod import BLOCK, MAX_LEVEL, cost_tensor, entry_bounds, segment_ids, span
+from megacontext.core.lod import (
+    BLOCK,
+    MAX_LEVEL,
+    coarsest_cost,
+    coarsest_cost_tensor,
+    coarsest_counts,
+    cost_tensor,
+    entry_bounds,
+    segment_ids,
+    smallest_with_cost,
+    span,
+    span_tensor,
+)
 
 ACTION_COST = BLOCK - 1  # slots added by any expansion, freed by any collapse
 UNCHANGED, EXPANDED, COLLAPSED = 0, 1, -1  # values of EntryState.origin
@@ -80,12 +100,18 @@ def first_protected_block(num_tokens: int, recent_raw: int) -> int:
     return max(num_tokens - recent_raw, 0) // BLOCK
 
 
-def min_cost(num_tokens: int, recent_raw: int) -> int:
-    """Cost of the coarsest legal tiling: LOD2 wherever a complete unprotected 1,024-token span exists,
-    LOD1 for the remaining unprotected blocks, raw protected blocks and tail."""
+def min_cost(num_tokens: int, recent_raw: int, max_level: int = MAX_LEVEL) -> int:
+    """Cost of the coarsest legal tiling: the coarsest gap-free tiling of the unprotected blocks (base-32
+    digits, levels up to ``max_level``), raw protected blocks and tail."""
     blocks, tail = divmod(num_tokens, BLOCK)
     fp = first_protected_block(num_tokens, recent_raw)
-    return fp // BLOCK + fp % BLOCK + BLOCK * (blocks - fp) + tail
+    return coarsest_cost(fp, max_level) + BLOCK * (blocks - fp) + tail
+
+
+def min_cost_tensor(num_tokens: Tensor, recent_raw: int, max_level: int = MAX_LEVEL) -> Tensor:
+    """Vectorised :func:`min_cost` over history lengths [n] (int64) -> [n]."""
+    fp = torch.div((num_tokens - recent_raw).clamp(min=0), BLOCK, rounding_mode="floor")
+    return coarsest_cost_tensor(fp, max_level) + num_tokens - BLOCK * fp
 
 
 def min_w_max(recent_raw: int) -> int:
@@ -96,49 +122,61 @@ def min_w_max(recent_raw: int) -> int:
     case is ``recent_raw + 62``: the protected tokens and the partial tail together take up to
     ``recent_raw + 31`` raw slots (a boundary falling mid-block rounds the protected region out to whole
     blocks, the tail adds up to 31), and up to 31 LOD1 gists of older blocks wait for their 32nd sibling
-    before merging into one LOD2. Past that window cost grows by one slot per further LOD2 span only, so
-    any ``w_max`` from here on holds histories up to ``reach(w_max, recent_raw)``; one below fails
-    within the window."""
+    before merging into one LOD2. A budget at this floor reaches only ~2,048 tokens (one more level of 31
+    waiting siblings does not fit); every 31 slots above it add a level, i.e. multiply the reach by 32
+    (:func:`reach`)."""
     if recent_raw < 0:
         raise ValueError(f"recent_raw={recent_raw} must be >= 0")
     return recent_raw + 2 * (BLOCK - 1)
 
 
-def _fits_up_to(length: int, w_max: int, recent_raw: int) -> bool:
-    """Whether every history of at most ``length`` tokens has a legal tiling within ``w_max``. ``min_cost`` is
-    not monotone (a partial block and an unaligned protected boundary add up to ~62 slots), but its
-    within-span pattern repeats every 1,024 tokens while the LOD2 count only grows, so the last span decides."""
-    return all(min_cost(n, recent_raw) <= w_max for n in range(max(length - span(MAX_LEVEL) + 1, 0), length + 1))
+def first_overflow(w_max: int, recent_raw: int, max_level: int = MAX_LEVEL) -> int:
+    """The shortest history (tokens) whose coarsest legal tiling exceeds ``w_max``; every shorter one fits.
+
+    A history of ``N >= recent_raw`` tokens is ``recent_raw + 32 fp + j`` (``fp`` older blocks, ``j < 32``) and
+    costs ``coarsest_cost(fp) + recent_raw + j``. All ``j`` fit while ``coarsest_cost(fp) <= w_max - recent_raw
+    - 31``, so the first overflow lies at the smallest ``fp`` past that
+    (:func:`~megacontext.core.lod.smallest_with_cost`), at the first ``j`` that no longer fits. O(max_level)."""
+    if w_max < recent_raw:  # even an all-raw history shorter than recent_raw overflows
+        return w_max + 1
+    fp = smallest_with_cost(w_max - recent_raw - (BLOCK - 1) + 1, max_level)
+    j = max(0, w_max - recent_raw - coarsest_cost(fp, max_level) + 1)
+    return recent_raw + BLOCK * fp + j
 
 
-def reach(w_max: int, recent_raw: int) -> int:
+def reach(w_max: int, recent_raw: int, max_level: int = MAX_LEVEL) -> int:
     """Longest history (tokens, a multiple of 1,024) such that every history up to it fits ``w_max`` slots."""
-    top = span(MAX_LEVEL)
-    if not _fits_up_to(top, w_max, recent_raw):
-        return 0
-    lo, hi = top, 2 * top
-    while _fits_up_to(hi, w_max, recent_raw):  # cost grows ~1 slot per 1,024 tokens: few doublings
-        lo, hi = hi, hi * 2
-    while hi - lo > top:  # bisect on multiples of the LOD2 span
-        mid = (lo + hi) // 2 // top * top
-        lo, hi = (mid, hi) if _fits_up_to(mid, w_max, recent_raw) else (lo, mid)
-    return lo
+    top = span(2)
+    return (first_overflow(w_max, recent_raw, max_level) - 1) // top * top
+
+
+def budget_error(num_tokens: int, recent_raw: int, w_max: int, max_level: int = MAX_LEVEL) -> BudgetError:
+    need = min_cost(num_tokens, recent_raw, max_level)
+    return BudgetError(
+        f"a history of {num_tokens} tokens does not fit w_max={w_max} with recent_raw={recent_raw}: its coarsest "
+        f"legal tiling costs {need} slots (a working context needs w_max >= {need}, or a smaller recent_raw)")
 
 
 def windowed_sum(x: Tensor, width: int = BLOCK) -> Tensor:
-    """out[e] = x[e] + ... + x[e + width - 1] (entries past the end count as 0). [E] -> [E]."""
-    csum = torch.nn.functional.pad(torch.cumsum(x, 0), (1, width))  # [E + 1 + width]
-    csum[x.shape[0] + 1:] = csum[x.shape[0]]
-    return csum[width:width + x.shape[0]] - csum[:x.shape[0]]
+    """out[e] = x[e] + ... + x[e + width - 1] along dim 0 (entries past the end count as 0). [E, ...] -> [E, ...]."""
+    n = x.shape[0]
+    zero = x.new_zeros((1, *x.shape[1:]))
+    csum = torch.cat([zero, torch.cumsum(x, 0)])  # [E + 1, ...]
+    csum = torch.cat([csum, csum[-1:].expand(width, *x.shape[1:])])  # [E + 1 + width, ...]
+    return csum[width:width + n] - csum[:n]
 
 
-def sibling_runs(levels: Tensor, indices: Tensor, limit_block: int) -> Tensor:
-    """Bool [E]: entry e starts a complete run of 32 LOD1 siblings (one LOD2 parent) whose blocks all lie
-    below ``limit_block``. In a legal tiling, 32 consecutive LOD1 entries starting at an index that is a
-    multiple of 32 are exactly the children of one parent, so a windowed count suffices."""
-    is1 = (levels == 1).long()
-    full = windowed_sum(is1) == BLOCK
-    return full & (indices % BLOCK == 0) & (levels == 1) & (indices + BLOCK <= limit_block)
+def sibling_runs(levels: Tensor, indices: Tensor, limit_block: int, max_level: int = MAX_LEVEL) -> Tensor:
+    """Bool [E]: entry e starts a complete run of 32 siblings at one gist level ``l < max_level`` (the children of
+    one LOD``l+1`` parent) whose blocks all lie below ``limit_block``. In a legal tiling, 32 consecutive
+    entries of level ``l`` starting at an index that is a multiple of 32 are exactly the children of one parent,
+    so a windowed count of same-level entries suffices."""
+    top = max(int(max_level), 1)
+    onehot = torch.nn.functional.one_hot(levels.clamp(0, top), top + 1)  # [E, top + 1]
+    same = windowed_sum(onehot).gather(1, levels.clamp(0, top)[:, None])[:, 0]  # [E] same-level entries ahead
+    run_blocks = indices * span_tensor(levels) // BLOCK + span_tensor(levels)  # end block of the parent's span
+    return (same == BLOCK) & (indices % BLOCK == 0) & (levels >= 1) & (levels < max_level) \
+        & (run_blocks <= limit_block)
 
 
 def group_members(starts: Tensor) -> Tensor:
@@ -150,8 +188,8 @@ def group_members(starts: Tensor) -> Tensor:
 
 def changed_blocks(levels: Tensor, expand: Tensor, collapse: Tensor) -> Tensor:
     """0-dim count of 32-token blocks whose representation an action set changes."""
-    blocks_touched = torch.where(levels == 2, BLOCK, 1)  # LOD2 expand touches 32 blocks; a group start too
-    blocks_touched = torch.where(collapse & (levels == 1), BLOCK, blocks_touched)
+    per_entry = span_tensor(levels) // BLOCK  # blocks under one entry (an LOD2 expand touches 32)
+    blocks_touched = torch.where(collapse & (levels >= 1), per_entry * BLOCK, per_entry)  # a run: 32 entries
     return ((expand | collapse).long() * blocks_touched).sum()
 
 
@@ -159,14 +197,14 @@ def apply_actions(state: EntryState, expand: Tensor, collapse: Tensor, step: int
                   mark: bool = True, num_out: int | None = None) -> EntryState:
     """Rebuild a tiling after a set of actions (masks over the current entries).
 
-    ``expand[e]``: LOD2 -> its 32 LOD1 children, LOD1 -> its LOD0 block. ``collapse[e]``: LOD0 -> its LOD1
-    gist, or, on the first of 32 LOD1 siblings, the whole run -> their LOD2 parent. Masks are assumed legal
-    and disjoint (callers check). ``mark=False`` records the change as policy-driven (no cooldown).
-    ``num_out`` is the new entry count when the caller already knows it (``len(state)`` + 31 per LOD2
-    expansion - 31 per run collapse); otherwise it is computed here with one host sync."""
+    ``expand[e]``: LOD``l`` (l >= 2) -> its 32 LOD``l-1`` children, LOD1 -> its LOD0 block. ``collapse[e]``: LOD0 ->
+    its LOD1 gist, or, on the first of 32 LOD``l`` siblings, the whole run -> their LOD``l+1`` parent. Masks are
+    assumed legal and disjoint (callers check). ``mark=False`` records the change as policy-driven (no cooldown).
+    ``num_out`` is the new entry count when the caller already knows it (``len(state)`` + 31 per expansion of a
+    level >= 2 - 31 per run collapse); otherwise it is computed here with one host sync."""
     lv, ix = state.levels, state.indices
-    exp2, exp1 = expand & (lv == 2), expand & (lv == 1)
-    col0, colg = collapse & (lv == 0), collapse & (lv == 1)
+    exp2, exp1 = expand & (lv >= 2), expand & (lv == 1)
+    col0, colg = collapse & (lv == 0), collapse & (lv >= 1)
     swallowed = group_members(colg) & ~colg  # later siblings vanish into the run's first entry
 
     n_out = torch.where(exp2, BLOCK, 1)
@@ -186,32 +224,32 @@ def apply_actions(state: EntryState, expand: Tensor, collapse: Tensor, step: int
     return EntryState(new_lv[src], base_ix[src] + offset, new_born[src], tag[src])
 
 
-def collapse_by_recency(state: EntryState, num_tokens: int, recent_raw: int, w_max: int, step: int) -> EntryState:
+def collapse_by_recency(state: EntryState, num_tokens: int, recent_raw: int, w_max: int, step: int,
+                        max_level: int = MAX_LEVEL) -> EntryState:
     """The recency policy: make a tiling fit ``w_max`` by collapsing the oldest unprotected LOD0 blocks to
-    LOD1, then (if still over) the oldest complete runs of 32 LOD1 siblings to LOD2. Stops as soon as it
-    fits, so the result leaves fewer than 31 slots unused whenever it had to collapse anything.
+    LOD1, then (if still over) the oldest complete runs of 32 LOD1 siblings to LOD2, then runs of LOD2 to
+    LOD3, ... up to ``max_level``. Stops as soon as it fits, so the result leaves fewer than 31 slots unused
+    whenever it had to collapse anything, and a level is only reached for when the ones below are exhausted.
 
     Raises :class:`BudgetError` (before touching anything) if even the coarsest tiling does not fit."""
-    need_min = min_cost(num_tokens, recent_raw)
-    if need_min > w_max:
-        raise BudgetError(
-            f"w_max={w_max} is too small for a history of {num_tokens} tokens with recent_raw={recent_raw}: "
-            f"the coarsest legal tiling costs {need_min}; set w_max >= {need_min} or lower recent_raw"
-        )
+    if min_cost(num_tokens, recent_raw, max_level) > w_max:
+        raise budget_error(num_tokens, recent_raw, w_max, max_level)
     tail = num_tokens % BLOCK
     fp = first_protected_block(num_tokens, recent_raw)
     excess = int(cost_tensor(state.levels).sum()) + tail - w_max
-    for stage in (0, 1):
+    for stage in range(max_level):
         if excess <= 0:
             break
         lv, ix = state.levels, state.indices
-        cand = (lv == 0) & (ix < fp) if stage == 0 else sibling_runs(lv, ix, fp)
+        cand = (lv == 0) & (ix < fp) if stage == 0 else sibling_runs(lv, ix, fp, max_level) & (lv == stage)
         need = -(-excess // ACTION_COST)
         take = cand & (torch.cumsum(cand.long(), 0) <= need)  # oldest first
         taken = int(take.sum())
+        if not taken:
+            continue
         none = torch.zeros_like(take)
         # a block collapse keeps the entry count, a run collapse removes 31 entries
-        num_out = len(state) - (taken * ACTION_COST if stage == 1 else 0)
+        num_out = len(state) - (taken * ACTION_COST if stage >= 1 else 0)
         state = apply_actions(state, none, take, step, mark=False, num_out=num_out)
         excess -= taken * ACTION_COST
     if excess > 0:  # unreachable when min_cost is right; keep the guarantee explicit
@@ -220,43 +258,49 @@ def collapse_by_recency(state: EntryState, num_tokens: int, recent_raw: int, w_m
 
 
 def raw_first_tiling(num_tokens: int, recent_raw: int, w_max: int, step: int = 0,
-                     device: torch.device | str | None = None) -> EntryState:
+                     device: torch.device | str | None = None, max_level: int = MAX_LEVEL) -> EntryState:
     """The "raw first" recency tiling, built from scratch: the longest raw suffix that fits, everything older
     at the coarsest legal level (complete 1,024-token spans as LOD2, the blocks between the last such span and
     the raw suffix as LOD1). Compare :func:`collapse_by_recency`, which collapses only as far as needed and so
     leaves most of a long history at LOD1 with little raw text.
 
-    With a split at block ``s`` (blocks ``[s, B)`` raw) the cost is ``s // 32 + s % 32 + 32 (B - s) + tail``,
-    strictly decreasing in ``s``; the smallest feasible ``s`` (most raw text) is chosen among ``s <= fp`` (the
-    protected blocks stay raw). Raises :class:`BudgetError` when even ``s = fp`` (= :func:`min_cost`) does not
-    fit."""
+    With a split at block ``s`` (blocks ``[s, B)`` raw) and top level ``L`` the cost is the base-32 digit sum
+    of ``s`` (:func:`~megacontext.core.lod.coarsest_cost`) ``+ 32 (B - s) + tail``, strictly decreasing in
+    ``s``; the smallest feasible ``s`` (most raw text) is chosen among ``s <= fp`` (the protected blocks stay
+    raw). ``L`` is 2 unless even ``s = fp`` does not fit, then 3, ... up to ``max_level``, so a history that
+    two levels hold tiles as it always did. Raises :class:`BudgetError` when nothing fits."""
     blocks, tail = divmod(num_tokens, BLOCK)
     fp = first_protected_block(num_tokens, recent_raw)
     split = torch.arange(fp + 1)  # candidate splits [fp + 1]
-    cost = split // BLOCK + split % BLOCK + BLOCK * (blocks - split) + tail
-    fits = cost <= w_max
-    if not bool(fits[-1]):
-        raise BudgetError(
-            f"w_max={w_max} is too small for a history of {num_tokens} tokens with recent_raw={recent_raw}: "
-            f"the coarsest legal tiling costs {int(cost[-1])}; set w_max >= {int(cost[-1])} or lower recent_raw"
-        )
+    for top in range(min(2, max_level), max_level + 1):
+        cost = coarsest_cost_tensor(split, top) + BLOCK * (blocks - split) + tail
+        fits = cost <= w_max
+        if bool(fits[-1]):
+            break
+    else:
+        raise budget_error(num_tokens, recent_raw, w_max, max_level)
     s = int(fits.int().argmax())  # first feasible split: cost is decreasing, so this keeps the most raw text
-    g, r = divmod(s, BLOCK)
-    levels = torch.cat([torch.full((g,), 2), torch.ones(r, dtype=torch.long),
-                        torch.zeros(blocks - s, dtype=torch.long)])
-    indices = torch.cat([torch.arange(g), torch.arange(g * BLOCK, s), torch.arange(s, blocks)])
-    levels, indices = levels.to(device), indices.to(device)
-    return EntryState(levels, indices, torch.full_like(levels, step), torch.zeros_like(levels))
+    levels, indices, at = [], [], 0  # at: blocks covered so far
+    for level in range(top, 0, -1):  # the coarsest entries first: time order
+        n = coarsest_counts(s, top)[level - 1]
+        per = BLOCK ** (level - 1)  # blocks per entry
+        levels.append(torch.full((n,), level))
+        indices.append(torch.arange(at // per, at // per + n))
+        at += n * per
+    levels.append(torch.zeros(blocks - s, dtype=torch.long))
+    indices.append(torch.arange(s, blocks))
+    lv, ix = torch.cat(levels).to(device), torch.cat(indices).to(device)
+    return EntryState(lv, ix, torch.full_like(lv, step), torch.zeros_like(lv))
 
 
-def check_tiling(state: EntryState, num_tokens: int, recent_raw: int, w_max: int) -> None:
+def check_tiling(state: EntryState, num_tokens: int, recent_raw: int, w_max: int, max_level: int = MAX_LEVEL) -> None:
     """Raise :class:`InvariantError` naming the first violated invariant (see module docstring)."""
     lv, ix = state.levels, state.indices
     sizes = {t.shape for t in state.fields()}
     if len(sizes) != 1 or lv.dim() != 1:
         raise InvariantError(f"entry tensors must be aligned 1-D tensors, got shapes {sorted(map(tuple, sizes))}")
-    if ((lv < 0) | (lv > 2)).any():
-        raise InvariantError(f"levels must be 0, 1 or 2; got {sorted(set(lv.tolist()))}")
+    if ((lv < 0) | (lv > max_level)).any():
+        raise InvariantError(f"levels must lie in 0..{max_level}; got {sorted(set(lv.tolist()))}")
     if (ix < 0).any():
         raise InvariantError("entry indices must be non-negative")
     blocks, tail = divmod(num_tokens, BLOCK)

@@ -1,11 +1,11 @@
 """Working Context: what the frozen base model reads — a budgeted, block-aligned tiling of the history.
 
-Each entry is an LOD0 block (32 raw tokens, cost 32), an LOD1 gist (cost 1, 32 tokens) or an LOD2 gist
-(cost 1, 1,024 tokens). The tiling is held as tensors (:class:`~megacontext.wc.tiling.EntryState`) and
-every operation is a pure vectorised function from :mod:`megacontext.wc.tiling` /
-:mod:`megacontext.wc.allocator`; :class:`WorkingContext` is a thin stateful wrapper that also knows the
-history length, the config and the step counter.
-
+Each entry is an LOD0 block (32 raw tokens, cost 32) or a gist of some level ``l >= 1`` (cost 1, covering ``32 **
+l`` tokens: LOD1 32, LOD2 1,024, LOD3 32,768, ...; levels above 2 appear only when the history has outgrown what
+LOD0-2 can tile within ``w_max``). The tiling is held as tensors (:class:`~megacontext.wc.tiling.EntryState`) and
+every operation is a pure vectorised function from :mod:`megacontext.wc.tiling` / :mod:`megacontext.wc.allocator`;
+:class:`WorkingContext` is a thin stateful wrapper that also knows the history length, the config and the step
+counter.
 Invariants (checked by :func:`check_invariants`, which the engine runs in debug mode): time-ordered,
 gap-free, block-aligned, level-consistent tiling of the complete blocks; the partial tail and every block
 touching the most recent ``recent_raw`` tokens are raw; total cost <= ``w_max``.
@@ -39,7 +39,10 @@ from megacontext.wc.tiling import (
     apply_actions,
     check_tiling,
     collapse_by_recency,
+    first_overflow,
     first_protected_block,
+    min_cost,
+    min_cost_tensor,
     min_w_max,
     raw_first_tiling,
     sibling_runs,
@@ -161,6 +164,30 @@ class WorkingContext:
         return first_protected_block(self.num_tokens, self.cfg.recent_raw)
 
     @property
+    def reach(self) -> int:
+        """Longest history this configuration can tile: every history up to it fits ``w_max`` (at the default
+        ``W_max`` = 1,024 and ``recent_raw`` = 128 this is beyond 10^14 tokens)."""
+        return first_overflow(self.cfg.w_max, self.cfg.recent_raw) - 1
+
+    def check_room(self, num_tokens: int, visited: Tensor | None = None) -> None:
+        """Raise :class:`BudgetError` unless :meth:`sync` is certain to succeed on the way to ``num_tokens``
+        tokens: every history length in ``visited`` (int64 [n], the lengths the caller will sync to; default:
+        every length up to ``num_tokens``) must have a tiling within ``w_max``. Changes nothing: callers check
+        before they write. O(1) while the lengths stay within :attr:`reach`, else O(len(visited))."""
+        if num_tokens <= self.reach:
+            return
+        cfg = self.cfg
+        reach = f"; every history up to {self.reach:,} tokens fits"
+        if visited is not None:
+            cost = min_cost_tensor(visited.long(), cfg.recent_raw)
+            if bool((cost <= cfg.w_max).all()):
+                return
+            num_tokens, reach = int(visited[(cost > cfg.w_max).nonzero()[0, 0]]), ""
+        raise BudgetError(
+            f"a history of {num_tokens:,} tokens does not fit w_max={cfg.w_max} with recent_raw={cfg.recent_raw} "
+            f"(its coarsest tiling costs {min_cost(num_tokens, cfg.recent_raw)} slots){reach}")
+
+    @property
     def cost(self) -> int:
         """Slots the base model reads: 32 per LOD0 block, 1 per gist, plus the raw tail."""
         if self._cost is None:
@@ -177,8 +204,10 @@ class WorkingContext:
         return wc  # EntryState tensors are never mutated in place, so sharing them is safe
 
     def __repr__(self) -> str:
-        counts = torch.bincount(self.levels, minlength=MAX_LEVEL + 1).tolist()
-        return (f"WorkingContext(tokens={self.num_tokens}, entries={len(self)} (LOD0/1/2={counts}), "
+        top = max(int(self.levels.max()) if len(self) else 0, 2)
+        counts = torch.bincount(self.levels, minlength=top + 1).tolist()
+        names = "/".join(str(i) for i in range(top + 1))
+        return (f"WorkingContext(tokens={self.num_tokens}, entries={len(self)} (LOD{names}={counts}), "
                 f"tail={self.tail_len}, cost={self.cost}/{self.cfg.w_max}, step={self.step})")
 
     def _swap(self, state: EntryState, num_tokens: int | None = None) -> None:
@@ -220,8 +249,8 @@ class WorkingContext:
         return entry, int(self.levels[entry])
 
     def expand(self, entry: int) -> None:
-        """LOD2 -> its 32 LOD1 children, LOD1 -> its 32 raw tokens. Raises IllegalActionError on LOD0 or when
-        the budget cannot take the extra 31 slots."""
+        """LOD``l`` -> its 32 LOD``l-1`` children (l >= 2), LOD1 -> its 32 raw tokens. Raises IllegalActionError on
+        LOD0 or when the budget cannot take the extra 31 slots."""
         e, lvl = self._entry(entry)
         if lvl == 0:
             raise IllegalActionError(f"entry {e} is an LOD0 block (index {int(self.indices[e])}); it has no "
@@ -231,16 +260,16 @@ class WorkingContext:
                                      f"{self.cost + ACTION_COST} > w_max={self.cfg.w_max}; collapse something first")
         mask = torch.zeros(len(self), dtype=torch.bool, device=self.device)
         mask[e] = True
-        grown = len(self) + (ACTION_COST if lvl == 2 else 0)  # LOD2 -> 32 entries
+        grown = len(self) + (ACTION_COST if lvl >= 2 else 0)  # LOD2+ -> 32 entries
         self._swap(apply_actions(self.state, mask, torch.zeros_like(mask), self.step, num_out=grown))
 
     def collapse(self, entry: int) -> None:
-        """LOD0 block -> its LOD1 gist; an LOD1 gist -> its LOD2 parent, which needs all 32 siblings present
-        as LOD1 entries (``entry`` may name any of them). Protected recent blocks never collapse."""
+        """LOD0 block -> its LOD1 gist; an LOD``l`` gist -> its LOD``l+1`` parent, which needs all 32 siblings
+        present as LOD``l`` entries (``entry`` may name any of them). Protected recent blocks never collapse."""
         e, lvl = self._entry(entry)
         idx = int(self.indices[e])
         if lvl == MAX_LEVEL:
-            raise IllegalActionError(f"entry {e} is an LOD2 gist (index {idx}); there is no coarser level")
+            raise IllegalActionError(f"entry {e} is an LOD{lvl} gist (index {idx}); there is no coarser level")
         fp = self.protected_from
         if lvl == 0:
             if idx >= fp:
@@ -251,12 +280,12 @@ class WorkingContext:
             start = e - idx % BLOCK
             if start < 0 or not bool(sibling_runs(self.levels, self.indices, fp)[start]):
                 raise IllegalActionError(
-                    f"entry {e} (LOD1 index {idx}) cannot collapse: its parent LOD2 {idx // BLOCK} needs all 32 "
-                    f"sibling blocks {idx - idx % BLOCK}..{idx - idx % BLOCK + BLOCK - 1} present as LOD1 and "
+                    f"entry {e} (LOD{lvl} index {idx}) cannot collapse: its parent LOD{lvl + 1} {idx // BLOCK} needs "
+                    f"all 32 siblings {idx - idx % BLOCK}..{idx - idx % BLOCK + BLOCK - 1} present as LOD{lvl} and "
                     f"below the protected blocks (>= {fp})")
         mask = torch.zeros(len(self), dtype=torch.bool, device=self.device)
         mask[start] = True
-        shrunk = len(self) - (ACTION_COST if lvl == 1 else 0)  # 32 LOD1 entries -> 1
+        shrunk = len(self) - (ACTION_COST if lvl >= 1 else 0)  # 32 gist entries -> 1
         self._swap(apply_actions(self.state, torch.zeros_like(mask), mask, self.step, num_out=shrunk))
 
     # ------------------------------------------------------------------ focus

@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from megacontext.cli import main
-from megacontext.core.assets import BASE_MODEL, PACKAGED
-from tests.conftest import tiny_llama
-
-BASE_DIR = PACKAGED / BASE_MODEL  # the packaged copy (not $MEGACONTEXT_MODELS)
-
-
-@pytest.fixture
-def tiny_dir_with_tokenizer(tmp_path):
-    """A tiny random Llama with the embedded model's tokenizer (vocab 16384), saved like a hub model."""
-    path = tmp_path / "tiny"
-    tiny_llama(vocab=16384).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BASE_DIR / name, path / name)
-    return path
 
 
 @pytest.mark.parametrize("cmd", ["demo", "ingest", "generate", "score", "inspect"])

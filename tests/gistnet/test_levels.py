@@ -58,8 +58,13 @@ def test_pair_dispatches_levels(base, ckpts):
     torch.testing.assert_close(pair(x, 2), lod2(x, 2))
     alone = TwoLevelGist.load(d / "lod1", base)
     torch.testing.assert_close(alone(x, 2), _mean(x, base.embed_norm))
-    with pytest.raises(ValueError, match="level=3"):
-        pair(x, 3)
+    torch.testing.assert_close(pair(x, 3), _mean(x, base.embed_norm))  # no net for LOD3: mean pooling
+    with pytest.raises(ValueError, match="level=9"):
+        pair(x, 9)
+    upper = TwoLevelGist(lod1, lod2, upper={3: lod2})  # a net for LOD3 is used and named in the version tag
+    torch.testing.assert_close(upper(x, 3), lod2(x, 2))
+    assert upper.level2_tag().endswith(f":l3-{lod2.weights_hash()[:8]}") and pair.level2_tag() == \
+        f":l2-{lod2.weights_hash()[:8]}"
 
 
 def test_lod2_is_refused_on_another_lod1(base, ckpts):

@@ -9,7 +9,8 @@ import torch
 from megacontext.core.lod import BLOCK
 from megacontext.focus.lens import entry_vectors_from_source
 from megacontext.runtime.engine import Engine, EngineConfig
-from megacontext.runtime.telemetry import StepRecord, Telemetry, read_jsonl, residency
+from megacontext.runtime.focus_map import lod_map, residency, row_runs
+from megacontext.runtime.telemetry import StepRecord, Telemetry, TelemetryConfig, read_jsonl
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor, MegaContextTree, TreeConfig
 from megacontext.tree.window import GatherView
 from megacontext.wc.working_context import WorkingContextConfig
@@ -76,25 +77,39 @@ def test_entry_vectors_read_cost_independent_of_spread(tiny_base):
     torch.testing.assert_close(entry_vectors_from_source(tiny_base, hist, levels, indices), got)
 
 
-def test_telemetry_keeps_only_recent_maps_in_memory(tmp_path):
+def _tiling(n_lod2: int, n_lod1: int, n_raw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = torch.tensor([2] * n_lod2 + [1] * n_lod1 + [0] * n_raw)
+    indices = torch.cat([torch.arange(n_lod2), torch.arange(n_lod1) + 32 * n_lod2,
+                         torch.arange(n_raw) + 32 * n_lod2 + n_lod1])
+    return levels, indices
+
+
+def test_telemetry_keeps_only_recent_tilings_in_memory(tmp_path):
     path = tmp_path / "t.jsonl"
-    tel = Telemetry(path, keep_last=50, keep_maps=4)
-    maps = ["2" * i + "1" * (i % 7) + "0" * 3 for i in range(1, 121)]
-    for i, m in enumerate(maps):
-        tel.log(StepRecord(step=i, num_tokens=32 * len(m), phase="ingest", entries=3, wc_cost=10, w_max=64,
-                           lod_map=m))
+    tel = Telemetry(path, keep_last=50, keep_maps=4, cfg=TelemetryConfig(every=1, map_every=1))
+    tilings = [_tiling(i // 10, i % 7, 3) for i in range(1, 121)]
+    for i, t in enumerate(tilings):
+        blocks = 32 * (i // 10) + i % 7 + 3
+        tel.log(StepRecord(step=i, num_tokens=32 * blocks, phase="ingest", entries=len(t[0]), wc_cost=10, w_max=64,
+                           tiling=t))
     assert len(tel.records) == 50
-    assert [bool(r.lod_map) for r in tel.records] == [False] * 46 + [True] * 4
-    assert tel.records[-1].lod_map == maps[-1]
-    # dropped maps keep their residency, in memory and in the summary
+    assert [r.tiling is not None for r in tel.records] == [False] * 46 + [True] * 4
+    assert tel.records[-1].lod_map == lod_map(*tilings[-1], tel.records[-1].num_tokens)
+    # dropped tilings keep their residency, in memory and in the summary
     old = tel.records[0]
-    assert old.to_json()["residency"] == {k: round(v, 6) for k, v in residency(maps[70]).items()}
-    assert "frozen_residency" not in old.to_json()
+    want = residency(lod_map(*tilings[70], old.num_tokens))
+    assert old.to_json()["residency"] == {k: round(v, 6) for k, v in want.items()}
+    assert "frozen_residency" not in old.to_json() and "tiling" not in old.to_json()
     summary = tel.close()
-    assert summary["final_residency"] == {k: round(v, 6) for k, v in residency(maps[-1]).items()}
-    steps, _ = read_jsonl(path)  # the file keeps every map, which is what viz/inspect read
-    assert [s["lod_map"] for s in steps] == maps
-    assert all("frozen_residency" not in s for s in steps)
+    assert summary["final_residency"] == {k: round(v, 6) for k, v in tel.records[-1].residency.items()}
+    steps, _ = read_jsonl(path)  # every=1, map_every=1: the file keeps every map, which viz/inspect read
+    assert [lod_map_of(s) for s in steps] == [lod_map(*t, s["num_tokens"]) for t, s in zip(tilings, steps,
+                                                                                          strict=True)]
+
+
+def lod_map_of(row: dict) -> str:
+    levels, blocks = row_runs(row)
+    return "".join(str(int(lv)) * int(n) for lv, n in zip(levels, blocks, strict=True))
 
 
 def test_telemetry_rejects_bad_caps():

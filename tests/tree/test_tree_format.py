@@ -16,7 +16,8 @@ from megacontext.tree.format import (
     unpack_header,
 )
 
-H = Header(level=1, dim=384, dtype="bfloat16", entry_count=12345, fingerprint="abcd" * 4, compressor_version="gn-v3")
+H = Header(level=1, dim=384, dtype="bfloat16", entry_count=12345, fingerprint="abcd" * 4, compressor_version="gn-v3",
+           checksum_rows=256, tail_digest=bytes(range(8)))
 
 
 def test_round_trip_and_size():
@@ -24,8 +25,13 @@ def test_round_trip_and_size():
     assert len(raw) == HEADER_SIZE
     assert unpack_header(raw, "x") == H
     assert H.row_bytes == 384 * 2
-    lod0 = Header(0, 384, "int32", 7, "f", "")
+    lod0 = Header(0, 384, "int32", 7, "f", "", checksum_rows=64, vocab_size=50_000)
     assert unpack_header(pack_header(lod0), "x").row_bytes == 32 * 4
+    assert unpack_header(pack_header(lod0), "x").vocab_size == 50_000
+    old = Header(2, 8, "float16", 3, "f", "v", format_version=1)  # a file written before checksums
+    assert unpack_header(pack_header(old), "x") == old and old.checksum_rows == 0
+    with pytest.raises(TreeFormatError, match="checksum_rows"):
+        unpack_header(pack_header(Header(1, 8, "float16", 0, "f", "v")), "x")  # version 2 needs chunks
 
 
 def test_fields_tile_the_header():

@@ -92,7 +92,9 @@ def test_gather_errors_name_the_bad_value(which):
     n1 = src.num_entries(1)
     with pytest.raises(ValueError, match="level=0"):
         src.gather_gists(0, torch.tensor([0]))
-    with pytest.raises(ValueError, match="level=3"):
+    with pytest.raises(ValueError, match="level=9"):
+        src.gather_gists(9, torch.tensor([0]))
+    with pytest.raises(IndexError, match="LOD3 gist index 0 is outside"):
         src.gather_gists(3, torch.tensor([0]))
     with pytest.raises(IndexError, match=f"index {n1} is outside \\[0, {n1}\\)"):
         src.gather_gists(1, torch.tensor([0, n1, 1]))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from megacontext.runtime.engine import Engine, EngineConfig
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor
 from megacontext.tree.window import HistoryWindow, window_start
-from megacontext.wc.tiling import min_cost, reach
+from megacontext.wc.tiling import first_overflow, min_cost, reach
 from megacontext.wc.working_context import WorkingContext, WorkingContextConfig
 
 
@@ -25,13 +25,14 @@ def test_reach_is_the_longest_fitting_history(w_max, recent):
     assert any(min_cost(n, recent) > w_max for n in range(r + 1, r + 1025))  # and r is the last such span
 
 
-def test_reach_matches_the_working_context():
-    cfg = WorkingContextConfig(w_max=300, recent_raw=64)
+@pytest.mark.parametrize("w_max", [126, 160, 200])
+def test_reach_matches_the_working_context(w_max):
+    cfg = WorkingContextConfig(w_max=w_max, recent_raw=64)
     r = reach(cfg.w_max, cfg.recent_raw)
     for n in (r, r - 5, r - 500):
         WorkingContext.assemble(n, cfg)  # fits
-    with pytest.raises(ValueError, match="too small"):
-        WorkingContext.assemble(r + 1024 + 31, cfg)
+    with pytest.raises(ValueError, match="does not fit"):
+        WorkingContext.assemble(first_overflow(cfg.w_max, cfg.recent_raw), cfg)
 
 
 def test_window_start():

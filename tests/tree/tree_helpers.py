@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
@@ -17,7 +19,7 @@ class CountingCompressor:
     def __init__(self, inner, version: str | None = None):
         self.inner, self.d_model = inner, inner.d_model
         self.version = version or inner.version
-        self.calls: dict[int, list[int]] = {1: [], 2: []}
+        self.calls: dict[int, list[int]] = collections.defaultdict(list)
 
     def embed(self, ids):
         return self.inner.embed(ids)
@@ -37,6 +39,7 @@ def stream(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def new_tree(path, compressor=None, batch_blocks: int = 64, durable: bool = False, **kw) -> MegaContextTree:
+    """A fresh store; no time- or size-driven flushes, so its write sequence is a function of the calls alone."""
     compressor = compressor or make_compressor()
-    cfg = TreeConfig(batch_blocks=batch_blocks, durable=durable)
+    cfg = TreeConfig(batch_blocks=batch_blocks, durable=durable, commit_tokens=10**12, commit_seconds=float("inf"))
     return MegaContextTree.create(path, compressor.d_model, FP, compressor, config=cfg, **kw)

@@ -58,7 +58,7 @@ def test_raw_first_on_a_long_history_is_mostly_raw():
     n, w_max = 32_768, 1024
     state = raw_first_tiling(n, 128, w_max)
     assert int((state.levels == 0).sum()) * BLOCK > 0.8 * w_max  # vs 4 raw blocks under "spread"
-    with pytest.raises(BudgetError, match="w_max=100 is too small"):
+    with pytest.raises(BudgetError, match="does not fit w_max=100"):
         raw_first_tiling(n, 128, 100)
 
 

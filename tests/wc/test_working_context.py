@@ -143,9 +143,9 @@ def test_check_invariants_catches_broken_tilings():
 
 def test_expand_collapse_roundtrip_and_illegal_requests():
     wc = WorkingContext.assemble(100_000, WorkingContextConfig(w_max=2048))
-    lod2 = int((wc.levels == 2).nonzero()[0])
+    lod2 = int((wc.levels == 2).nonzero()[-1])  # the newest LOD2: its run of 32 siblings is incomplete
     while wc.cost + 62 > wc.cfg.w_max:  # make room for two expansions: collapse the oldest LOD1 runs
-        wc.collapse(int(sibling_runs(wc.levels, wc.indices, wc.protected_from).nonzero()[0]))
+        wc.collapse(int((sibling_runs(wc.levels, wc.indices, wc.protected_from) & (wc.levels == 1)).nonzero()[0]))
     before = _snapshot(wc)
     idx2 = int(wc.indices[lod2])
     wc.expand(lod2)
@@ -159,7 +159,7 @@ def test_expand_collapse_roundtrip_and_illegal_requests():
 
     for bad, err in [(lambda: wc.expand(len(wc) - 1), "LOD0 block"),
                      (lambda: wc.collapse(len(wc) - 1), "protected"),
-                     (lambda: wc.collapse(lod2), "LOD2 gist"),
+                     (lambda: wc.collapse(lod2), "parent LOD3 .* needs all 32 siblings"),
                      (lambda: wc.expand(len(wc) + 5), "out of range")]:
         with pytest.raises(IllegalActionError, match=err):
             bad()
