@@ -304,10 +304,13 @@ class MegaContext:
     # ------------------------------------------------------------------ persistence
     def flush(self) -> None:
         """Make everything ingested so far durable: on return the tree is committed (fsynced when ``durable``)
-        and the engine state (working context, step counter) saved, so reopening restores this exact memory."""
+        and the engine state (working context, step counter) saved, so reopening restores this exact memory.
+        Telemetry steps aggregated so far are written too, so readers of the log (``inspect``, the service's
+        focus map) see every acknowledged step."""
         self._require_writable()
         self.tree.flush()
         self._save_state(writer_open=True)
+        self.engine.telemetry.flush()
 
     def save(self) -> None:
         """Same as :meth:`flush` (the name older callers use)."""

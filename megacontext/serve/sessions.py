@@ -16,7 +16,8 @@ Invariants
 - Every engine is opened with the store's cross-process lock; a session held by another process is refused
   with 423, never opened twice.
 - :meth:`SessionRegistry.commit` is the only place where acknowledged work is made durable. It calls
-  ``MegaContext.save()`` today; the reliability issue's cheaper ``flush()`` contract replaces it there.
+  ``MegaContext.flush()`` (the durability contract of docs/reliability.md); engines are opened with
+  ``autoflush=False`` so a request pays for one flush, not one per API call.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ class SessionRegistry:
         names = self._model_names(sid, meta)
         fb = self.catalog.base(names["base"])
         try:
-            mc = MegaContext.open(path / STORE, fb, durable=self.cfg.durable)
+            # autoflush off: a request is made durable once, by commit(), however many calls it made
+            mc = MegaContext.open(path / STORE, fb, durable=self.cfg.durable, autoflush=False)
         except StoreBusyError as e:
             raise ServeError(423, f"session {sid!r} is open in another process (its store lock is held); "
                                   "one server per session") from e
@@ -289,7 +291,7 @@ class SessionRegistry:
     def commit(self, s: Session) -> None:
         """Make everything done on ``s`` durable before it is acknowledged: the one commit point."""
         t0 = time.perf_counter()
-        s.mc.save()
+        s.mc.flush()
         text = json.dumps(s.state, sort_keys=True)
         if text != s._saved_state:
             _write_state(s.path / STATE, s.state, self.cfg.durable)
