@@ -43,6 +43,7 @@ from megacontext.serve.errors import ServeError, bad_request, not_found
 from megacontext.serve.models import ModelCatalog
 from megacontext.serve.protocol import SESSION_ID, SESSION_ID_RULE, valid_session_id
 from megacontext.tree import StoreBusyError
+from megacontext.tree.level_file import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,8 @@ class SessionRegistry:
                     os.rename(tmp, self.session_dir(sid))
                 except OSError as e:  # another process created it meanwhile
                     raise ServeError(409, f"session {sid!r} already exists") from e
-                _fsync_dir(self.root, self.cfg.durable)
+                if self.cfg.durable:
+                    fsync_dir(self.root)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -259,7 +261,8 @@ class SessionRegistry:
             try:
                 trash = self.root / f"{_TMP_PREFIX[1]}{sid}-{uuid.uuid4().hex[:8]}"
                 os.rename(path, trash)
-                _fsync_dir(self.root, self.cfg.durable)
+                if self.cfg.durable:
+                    fsync_dir(self.root)
             finally:
                 os.close(fd)
             shutil.rmtree(trash, ignore_errors=True)
@@ -347,15 +350,6 @@ def _write_state(path: Path, state: dict, durable: bool) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path, durable: bool) -> None:
-    if durable:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _try_lock(path: Path) -> int | None:
