@@ -13,6 +13,9 @@
 #   recon       + reconstruction NLL of [BOS][gist][block]
 #   copy_recon  + both
 #   hidden      copy_recon with base hidden states as LOD1 inputs
+#   recon_distill  recon + distillation toward per-block optimised vectors (targets made first in the same
+#               call from the training cache: DISTILL_BLOCKS blocks, default 50k, starting from GISTNET_INIT or
+#               mean pooling)
 # Env: BASE (base model dir, required for run), MINUTES (training wall per variant, default 5.5),
 #      TRAIN_CHARS (characters per training source, default 20M), WINDOWS (eval windows per domain, default 400),
 #      EXTRA_TRAIN / EXTRA_EVAL (more flags for every variant's training / evaluation, e.g. for a CPU smoke run).
@@ -71,7 +74,14 @@ case "$part" in
       [recon]="--objective.copy-frac 0 --objective.copy-weight 0"
       [copy_recon]=""
       [hidden]="--model.inputs hidden"
+      [recon_distill]="--objective.copy-frac 0 --objective.copy-weight 0 --distill $work/distill --objective.distill-weight 1.0"
     )
+    if [[ " ${variants[*]} " == *" recon_distill "* ]]; then
+      echo "== $(date -u +%T) distillation targets"
+      $py benchmarks/gistnet_distill_targets.py --cache "$work/tok/train" --out "$work/distill" --base "$base" \
+        --gistnet "${GISTNET_INIT:-none}" --blocks "${DISTILL_BLOCKS:-50000}" > "$work/distill.log" 2>&1
+      tail -n 1 "$work/distill.log"
+    fi
     jobs_=()
     echo "== $(date -u +%T) training ${variants[*]} for ${MINUTES:-5.5} min each, side by side"
     for v in "${variants[@]}"; do

@@ -53,6 +53,8 @@ class ObjectiveConfig(Config):
     copy_weight: float = 0.0  # weight of KL(raw || gisted) on those copies (first copy token excluded)
     recon_weight: float = 0.0  # weight of the reconstruction NLL: [gist][its block], teacher-forced
     recon_blocks: int = 256  # (gist, block) pairs per batch in the reconstruction term (a random subset)
+    distill_weight: float = 0.0  # weight of 1 - cos(gist, optimised target) (needs GistTrainConfig.distill)
+    distill_batch: int = 256  # (block, target) pairs per step in the distillation term
 
     def __post_init__(self):
         check(self.horizon_weight >= 0, f"horizon_weight={self.horizon_weight} must be >= 0")
@@ -63,9 +65,11 @@ class ObjectiveConfig(Config):
         check(self.copy_weight >= 0, f"copy_weight={self.copy_weight} must be >= 0")
         check(self.recon_weight >= 0, f"recon_weight={self.recon_weight} must be >= 0")
         check(self.recon_blocks >= 1, f"recon_blocks={self.recon_blocks} must be >= 1")
+        check(self.distill_weight >= 0, f"distill_weight={self.distill_weight} must be >= 0")
+        check(self.distill_batch >= 1, f"distill_batch={self.distill_batch} must be >= 1")
         check(self.horizon_weight > 0 or (self.dense != "none" and self.dense_weight > 0)
-              or self.copy_weight > 0 or self.recon_weight > 0,
-              "objective has no term: set horizon_weight, a dense term, copy_weight or recon_weight > 0")
+              or self.copy_weight > 0 or self.recon_weight > 0 or self.distill_weight > 0,
+              "objective has no term: set horizon_weight, a dense term, copy_, recon_ or distill_weight > 0")
 
 
 def make_prefix(tokens: Tensor, base: FrozenBase, lod1: GistNet, n_lod1: int, lod2: GistNet | None = None,

@@ -45,6 +45,7 @@ from megacontext.core.assets import BASE_MODEL
 from megacontext.core.config import Config, check
 from megacontext.core.distributed import any_rank, init_distributed, max_over_ranks, rank_device, wrap_ddp
 from megacontext.core.lod import span
+from megacontext.gistnet.distill import DistillTargets, distill_loss
 from megacontext.gistnet.model import GistNet, GistNetConfig
 from megacontext.gistnet.objective import ObjectiveConfig, gap_report, hidden_regression_loss, substitution_loss
 from megacontext.gistnet.windows import open_windows
@@ -69,6 +70,7 @@ class GistTrainConfig(Config):
     model: GistNetConfig = field(default_factory=GistNetConfig)
     level: int = 1  # LOD of the gists trained: 1 (32 tokens -> 1) or 2 (32 LOD1 gists = 1024 tokens -> 1)
     lod1: str = ""  # level 2: frozen LOD1 GistNet checkpoint; "" = one net trained jointly for both levels
+    distill: str = ""  # directory of optimised per-block targets (gistnet.distill), for objective.distill_weight
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     context: int = 1024  # C: context tokens per window (multiple of 32)
     horizon: int = 64  # H: tokens scored after the context
@@ -103,6 +105,9 @@ class GistTrainConfig(Config):
         check(self.context > 0 and self.context % unit == 0 and self.context // unit >= 2,
               f"context={self.context} must be a multiple of {unit} (level-{self.level} span) holding at least 2 spans")
         check(self.level == 2 or not self.lod1, f"lod1={self.lod1!r} is only used with level=2")
+        check(self.objective.distill_weight == 0 or (self.distill and self.level == 1),
+              f"objective.distill_weight={self.objective.distill_weight} needs level 1 and a target directory "
+              f"(distill={self.distill!r})")
         check(self.level == 1 or self.objective.recon_weight == 0,
               f"objective.recon_weight={self.objective.recon_weight} applies to level-1 gists only")
         check(self.level == 1 or self.hidden_warmup_steps == 0,
@@ -288,6 +293,12 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
         val_iter = iter(val_src.batches(cfg.batch_size))
         val = [next(val_iter).to(device) for _ in range(cfg.val_batches)]
 
+    targets = DistillTargets(cfg.distill, base) if cfg.objective.distill_weight > 0 else None
+    if targets is not None and dist_.world > 1:  # a second forward per step would break DDP's gradient hooks
+        raise ValueError(f"objective.distill_weight={cfg.objective.distill_weight}: distillation runs in one "
+                         f"process only (this run has {dist_.world}); train without it under torchrun")
+    if targets is not None:
+        log.info("distillation toward %d optimised block vectors from %s", len(targets), cfg.distill)
     logger = _Logger(out / METRICS, dist_.main)
     planned = cfg.steps == 0  # time-planned: steps are set once the step rate is known
     if planned:
@@ -318,6 +329,12 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
                     metrics = {"hidden_loss": loss.detach()}
                 else:
                     loss, metrics = _loss(model, lod1_net, base, tokens, g, cfg, gen)
+                if targets is not None:
+                    blocks, want = targets.sample(cfg.objective.distill_batch, gen)
+                    got = model(net.lod1_inputs(base, blocks.to(device)), 1)  # [n, d]
+                    dl = distill_loss(got, want)
+                    metrics["distill_cos"] = (1.0 - dl).detach()
+                    loss = loss + cfg.objective.distill_weight * dl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
