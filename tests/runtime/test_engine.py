@@ -39,16 +39,25 @@ def test_score_parity_with_plain_base(tiny_base, tmp_path):
     torch.testing.assert_close(res2.nll, ref2, atol=1e-4, rtol=1e-4)
 
 
-def test_long_stream_keeps_invariants_and_budget(tiny_base, tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_long_stream_keeps_invariants_and_budget(tiny_base, tmp_path, lazy):
     torch.manual_seed(1)
-    eng = _engine(tiny_base, tmp_path, w_max=160, recent_raw=64, focus="lexical", debug=True)
+    eng = _engine(tiny_base, tmp_path, w_max=160, recent_raw=64, focus="lexical", debug=True, lazy_focus=lazy,
+                  ingest_batch=1000)
     eng.ingest(torch.randint(1, 128, (2300,)))
     res = eng.score(torch.randint(1, 128, (100,)))
     check_invariants(eng.wc)
     assert eng.wc.cost <= 160 and (eng.wc.levels == 2).any()  # the old history reached LOD2
     assert torch.isfinite(res.nll).all()
     recs = eng.telemetry.records
-    assert len(recs) == 2400 // 32 and all(r.wc_cost <= r.w_max for r in recs)
+    assert all(r.wc_cost <= r.w_max for r in recs)
+    if lazy:  # one record per 1000-token batch, then the settle round(s), then one refocus per k while scoring
+        ingest = [r for r in recs if r.phase == "ingest"]
+        assert [r.num_tokens for r in ingest] == [1000, 2000, 2300]
+        assert [r.num_tokens for r in recs[-4:]] == [2304, 2336, 2368, 2400]
+        recs = [r for r in recs if r.phase == "score"]
+    else:
+        assert len(recs) == 2400 // 32
     assert sum(r.collapses for r in recs) > 0
     assert len(recs[-1].lod_map) == recs[-1].num_tokens // 32 == 2400 // 32
 
@@ -121,12 +130,29 @@ class _QueryProbe:
 
 @pytest.mark.parametrize("q", [0, 5, 40])
 def test_streaming_query_follows_the_policys_query_tokens(tiny_base, tmp_path, q):
-    eng = _engine(tiny_base, tmp_path, w_max=512, recent_raw=64)
+    eng = _engine(tiny_base, tmp_path, w_max=512, recent_raw=64, lazy_focus=False)
     eng.policy = probe = _QueryProbe(q)
     ids = torch.randint(1, 100, (96,))
     eng.ingest(ids)
     assert len(probe.seen) == 3  # one refocus per k=32 tokens
     assert torch.equal(probe.seen[-1], ids[len(ids) - q:] if q else ids[:0])
+
+
+def test_lazy_ingest_refocuses_only_when_the_base_reads(tiny_base, tmp_path):
+    """No focus round while ingesting; the next read settles (causally: on the history so far), then scores."""
+    eng = _engine(tiny_base, tmp_path, w_max=512, recent_raw=64)
+    eng.policy = probe = _QueryProbe(8)
+    ids = torch.randint(1, 100, (300,))
+    eng.ingest(ids[:250])
+    assert probe.seen == []
+    eng.score(ids[250:])
+    # the probe never moves the WC, so the settle stops after one round: it saw the last 8 tokens of the ingest
+    assert torch.equal(probe.seen[0], ids[242:250])
+    assert len(probe.seen) == 1 + 2  # settle + refocus at 256 and 288
+    eng.ingest(ids[:10])
+    n = len(probe.seen)
+    list(eng.generate(ids[:3], SamplingConfig(max_new_tokens=2)))
+    assert len(probe.seen) == n + eng.cfg.query_rounds  # the prompt's rounds settle the WC
 
 
 @settings(max_examples=6, deadline=None)
@@ -151,3 +177,41 @@ def test_stream_is_independent_of_call_chunking(cuts, w_max, focus):
     (a, la, ia, na), (b, lb, ib, nb) = runs
     torch.testing.assert_close(a, b, equal_nan=True, atol=1e-4, rtol=1e-4)
     assert torch.equal(la, lb) and torch.equal(ia, ib) and na == nb == ids.numel() // 32
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2), st.sampled_from([128, 200, 1024]))
+def test_tiling_keys_match_the_materialised_slots(n, extra, w_max):
+    """tiling_keys (no gather) == slot_keys of the materialised WC, so a reader can decide before it gathers."""
+    from megacontext.runtime.reader import slot_keys, tiling_keys
+    from megacontext.tree import MeanPoolCompressor
+    from megacontext.tree.history import InMemoryHistory
+    from megacontext.wc import WorkingContext
+
+    base = FrozenBase(tiny_llama(), name="tiny")
+    hist = InMemoryHistory(torch.randint(1, 128, (n,)), MeanPoolCompressor.from_base(base))
+    wc = WorkingContext(WorkingContextConfig(w_max=w_max, recent_raw=64))
+    wc.sync(n)
+    for _ in range(extra):  # some focus moves, so gists of several levels sit between raw blocks
+        wc.refocus(torch.randn(len(wc)))
+    m = wc.materialize(hist, base.embed)
+    assert torch.equal(tiling_keys(wc.levels, wc.indices, n), slot_keys(m, wc.levels, wc.indices, n).cpu())
+
+
+@pytest.mark.parametrize("focus", ["recency", "lexical"])
+def test_score_groups_and_cache_reuse_match_one_forward_per_chunk(tmp_path, focus):
+    """Grouped forwards with KV-prefix reuse give the NLL of one full forward per chunk, on a history far past
+    the budget (collapses and refocus moves between chunks)."""
+    base = FrozenBase(tiny_llama(seed=4), name="tiny")
+    torch.manual_seed(3)
+    ids = torch.randint(1, 128, (1500,))
+    runs = []
+    for reuse, group in ((True, 512), (False, 32)):
+        eng = _engine(base, tmp_path / f"{reuse}", w_max=200, recent_raw=64, focus=focus, cache_reuse=reuse,
+                      score_group=group, debug=True)
+        eng.ingest(ids[:700])
+        runs.append((eng.score(ids[700:]).nll, dict(eng.read_stats)))
+    (a, sa), (b, sb) = runs
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert sa["score_slots_reused"] > 0 and sa["score_slots_read"] < sb["score_slots_read"]
+    assert sb["score_slots_reused"] == 0

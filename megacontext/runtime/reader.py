@@ -1,0 +1,103 @@
+"""The base model's side of a read: a KV cache over the slots it has read, keyed by what each slot holds.
+
+Both ``score`` and ``generate`` read "the working context followed by some raw tokens". Consecutive reads
+mostly share a long prefix (the LOD1/LOD2 gists of the old history do not move when one raw block is
+collapsed near the end), so :class:`KVReader` keeps the HF cache of its last read plus a key per slot and,
+for the next read, crops the cache to the common key prefix and runs the base only over the rest.
+
+Slot keys (int64): a raw token -> its absolute index in the stream; a gist -> ``level * 2^40 + index``.
+Equal key prefixes mean equal inputs *and* equal positions: with absolute positions a slot's position is a
+function of its key, and with compact positions it is its slot index, which is equal along a common prefix.
+So a cropped-and-extended read gives the logits of a full re-read (up to float rounding; tested).
+
+Invariants
+- ``keys`` always describes exactly the slots in ``cache`` (same length, same order).
+- At least one slot is re-read per call, because the caller needs logits from the suffix.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from megacontext.core.lod import BLOCK
+from megacontext.wc import TAIL_SLOT, Materialized
+
+log = logging.getLogger(__name__)
+
+GIST_KEY = 1 << 40  # slot keys: raw token -> its absolute index; gist -> level * 2^40 + index
+
+
+def slot_keys(m: Materialized, levels: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
+    """What each slot of a materialised WC holds, as an int64 key [T] (see the module doc)."""
+    dev = m.slot_entry.device
+    t = m.slot_entry.shape[0]
+    s = torch.arange(t, device=dev)
+    lv = torch.cat([levels.to(dev), levels.new_zeros(1).to(dev)])  # a dummy entry for tail slots
+    ix = torch.cat([indices.to(dev), indices.new_zeros(1).to(dev)])
+    first = torch.cat([m.entry_first_slot, m.entry_first_slot.new_zeros(1)])
+    tail = m.slot_entry == TAIL_SLOT
+    e = torch.where(tail, lv.shape[0] - 1, m.slot_entry)
+    entry_key = torch.where(lv[e] == 0, ix[e] * BLOCK + (s - first[e]), lv[e] * GIST_KEY + ix[e])
+    tail_len = int(tail.sum())
+    tail_key = num_tokens - tail_len + (s - (t - tail_len))
+    return torch.where(tail, tail_key, entry_key)
+
+
+def tiling_keys(levels: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
+    """The same keys as :func:`slot_keys`, straight from a tiling (no materialisation): [T] int64 on CPU.
+    Lets a reader find out how much of its cache still holds before it gathers any gist."""
+    lv, ix = levels.cpu().long(), indices.cpu().long()
+    width = torch.where(lv == 0, BLOCK, 1)  # [E] slots per entry
+    entry = torch.repeat_interleave(torch.arange(lv.shape[0]), width)  # [S] entry of each slot
+    first = torch.cumsum(width, 0) - width
+    off = torch.arange(entry.shape[0]) - first[entry]
+    body = torch.where(lv[entry] == 0, ix[entry] * BLOCK + off, lv[entry] * GIST_KEY + ix[entry])
+    tail = torch.arange(num_tokens - num_tokens % BLOCK, num_tokens)
+    return torch.cat([body, tail])
+
+
+def common_prefix(a: Tensor, b: Tensor) -> int:
+    n = min(a.shape[0], b.shape[0])
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if diff.numel() else n
+
+
+class KVReader:
+    """A KV cache over the slots last read, plus their keys [T] (CPU int64)."""
+
+    def __init__(self, base, reuse: bool = True):
+        self.base = base
+        self.reuse = reuse
+        self.cache = None
+        self.keys: Tensor | None = None
+
+    def reusable(self, keys: Tensor, need: int) -> int:
+        """How many leading slots of ``keys`` the cache already holds, leaving >= ``need`` slots to read."""
+        if not self.reuse or self.cache is None or self.keys is None:
+            return 0
+        return max(min(common_prefix(self.keys, keys), keys.shape[0] - need), 0)
+
+    def read(self, embeds: Tensor, positions: Tensor, keys: Tensor, p: int, logits_to_keep: int) -> Tensor:
+        """Run the base over slots ``[p, T)`` (``embeds`` [T - p, d], ``positions`` [T - p]) after the cached
+        prefix of ``p`` slots; ``keys`` [T] describes all T slots. Returns logits [logits_to_keep, V]."""
+        if p == 0:
+            self.cache = None
+        elif p < self.keys.shape[0]:
+            self.cache.crop(p - self.keys.shape[0])  # negative = drop that many: same meaning in transformers 4/5
+        out = self.base.forward(embeds[None], positions[None], past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=logits_to_keep)
+        self.cache = out.past_key_values if self.reuse else None
+        self.keys = keys if self.reuse else None
+        log.debug("read %d of %d slots (reused %d)", keys.shape[0] - p, keys.shape[0], p)
+        return out.logits[0]
+
+    def decode(self, token: int, position: int, key: int) -> Tensor:
+        """One cached step: the slot ``key`` holding ``token`` at ``position`` -> next-token logits [V]."""
+        out = self.base.forward(self.base.embed(torch.tensor([[token]])), torch.tensor([[position]]),
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        self.keys = torch.cat([self.keys, torch.tensor([key])])
+        return out.logits[0, -1]
