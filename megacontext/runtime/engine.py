@@ -83,12 +83,17 @@ class EngineConfig(Config):
     ingest_batch: int = 4096  # tokens per append + WC sync + telemetry record in a lazy ingest
     settle_rounds: int = 4  # cap on the focus rounds a read runs after a lazy ingest
     score_group: int = 512  # score: most new tokens read by one base forward (chunks whose WC only grew)
+    # generation's decode step: auto = "compiled" on CUDA, "off" elsewhere; static = a preallocated HF StaticCache;
+    # compiled = static + torch.compile(mode="reduce-overhead") (CUDA graphs). Unsupported -> logged fallback
+    fast_decode: str = "auto"
     debug: bool = False  # check every tiling invariant after every WC change
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # what telemetry.jsonl records
 
     def __post_init__(self):
         check(self.k >= 1, f"k={self.k} must be >= 1")
         check(self.query_rounds >= 0, f"query_rounds={self.query_rounds} must be >= 0")
+        check(self.fast_decode in ("auto", "off", "static", "compiled"),
+              f"fast_decode={self.fast_decode!r}; expected auto, off, static or compiled")
         check(self.ingest_batch >= 1, f"ingest_batch={self.ingest_batch} must be >= 1")
         check(self.settle_rounds >= 1, f"settle_rounds={self.settle_rounds} must be >= 1")
         check(self.score_group >= self.k, f"score_group={self.score_group} must be >= k={self.k}")

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from megacontext.runtime.reader import KVReader, tiling_keys
+from megacontext.runtime.reader import KVReader, NeedFullRead, tiling_keys
 from megacontext.runtime.sampling import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,11 @@ def generate(e, prompt_ids, sampling: SamplingConfig | None = None) -> Iterator[
     if eos is not None:
         stop.add(int(eos))
     sampler = Sampler(cfg, e.base.device)
-    reader = KVReader(e.base, reuse=e.cfg.cache_reuse)
+    mode = e.cfg.fast_decode
+    if mode == "auto":
+        mode = "compiled" if e.base.device.type == "cuda" else "off"
+    static_len = e.cfg.wc.w_max + e.cfg.k if mode in ("static", "compiled") else 0  # the WC plus one window
+    reader = KVReader(e.base, reuse=e.cfg.cache_reuse, static_len=static_len, compile_decode=mode == "compiled")
     logits = _logits(e, reader, changed=True)
     for i in range(cfg.max_new_tokens):
         tok = int(sampler(logits))
@@ -66,16 +70,23 @@ def _logits(e, reader: KVReader, changed: bool, new_token: int | None = None) ->
     if e.cfg.cache_reuse and not changed and reader.cache is not None and new_token is not None:
         n = e.num_tokens
         pos = n - 1 if e.cfg.wc.position_mode == "absolute" else reader.keys.shape[0]
-        with e.timer.stage("decode"):
-            out = reader.decode(new_token, pos, n - 1)
-        e.read_stats["slots_read"] += 1
-        e.read_stats["slots_reused"] += reader.keys.shape[0] - 1
-        return out
+        try:
+            with e.timer.stage("decode"):
+                out = reader.decode(new_token, pos, n - 1)
+            e.read_stats["slots_read"] += 1
+            e.read_stats["slots_reused"] += reader.keys.shape[0] - 1
+            return out
+        except NeedFullRead:  # the fast path gave up (logged once): re-read through the dynamic cache
+            pass
     with e.timer.stage("prefill"):
         keys = tiling_keys(e.wc.levels, e.wc.indices, e.num_tokens)
-        p = reader.reusable(keys, 1)  # re-read >= 1 slot for the logits
         m = e.materialize()
-        out = reader.read(m.inputs_embeds[p:], m.position_ids[p:], keys, p, 1)[-1]
+        try:
+            p = reader.reusable(keys, 1)  # re-read >= 1 slot for the logits
+            out = reader.read(m.inputs_embeds[p:], m.position_ids[p:], keys, p, 1)[-1]
+        except NeedFullRead:
+            p = 0
+            out = reader.read(m.inputs_embeds, m.position_ids, keys, 0, 1)[-1]
         e.read_stats["slots_read"] += keys.shape[0] - p
         e.read_stats["slots_reused"] += p
         return out

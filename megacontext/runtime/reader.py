@@ -66,13 +66,22 @@ def common_prefix(a: Tensor, b: Tensor) -> int:
 
 
 class KVReader:
-    """A KV cache over the slots last read, plus their keys [T] (CPU int64)."""
+    """A KV cache over the slots last read, plus their keys [T] (CPU int64).
 
-    def __init__(self, base, reuse: bool = True):
+    ``static_len > 0`` keeps the cache in a preallocated HF ``StaticCache`` of that many slots (cropping only
+    moves its write position, so buffers keep their addresses), and ``compile_decode`` runs the one-token
+    decode step through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Any failure of either (a model
+    or a transformers version without the support) logs a warning and falls back to the dynamic cache with one
+    full re-read, so results never depend on the fast path being available."""
+
+    def __init__(self, base, reuse: bool = True, static_len: int = 0, compile_decode: bool = False):
         self.base = base
         self.reuse = reuse
+        self.static_len = static_len if reuse else 0
+        self.compile_decode = compile_decode and self.static_len > 0
         self.cache = None
         self.keys: Tensor | None = None
+        self._step = None  # the compiled model call
 
     def reusable(self, keys: Tensor, need: int) -> int:
         """How many leading slots of ``keys`` the cache already holds, leaving >= ``need`` slots to read."""
@@ -80,15 +89,51 @@ class KVReader:
             return 0
         return max(min(common_prefix(self.keys, keys), keys.shape[0] - need), 0)
 
+    def _fallback(self, why: Exception | str) -> None:
+        log.warning("static KV cache / compiled decode unavailable (%s); using the dynamic cache", why)
+        self.static_len, self.compile_decode, self._step = 0, False, None
+        self.cache, self.keys = None, None
+
+    def _empty(self):
+        """An empty cache for a read from slot 0: the static buffers rewound, a new static cache, or None."""
+        if not self.static_len:
+            return None
+        if self.cache is not None:
+            self.cache.crop(-int(self.keys.shape[0]))
+            return self.cache
+        from transformers import StaticCache  # here: only the fast path needs it
+
+        return StaticCache(config=self.base.model.config, max_cache_len=self.static_len)
+
+    def _mask(self, t: int) -> Tensor | None:
+        """Static cache: an all-ones mask over every slot (causality hides the stale and unwritten ones)."""
+        return torch.ones(1, self.static_len, dtype=torch.long, device=self.base.device) if self.static_len else None
+
     def read(self, embeds: Tensor, positions: Tensor, keys: Tensor, p: int, logits_to_keep: int) -> Tensor:
         """Run the base over slots ``[p, T)`` (``embeds`` [T - p, d], ``positions`` [T - p]) after the cached
         prefix of ``p`` slots; ``keys`` [T] describes all T slots. Returns logits [logits_to_keep, V]."""
-        if p == 0:
-            self.cache = None
-        elif p < self.keys.shape[0]:
-            self.cache.crop(p - self.keys.shape[0])  # negative = drop that many: same meaning in transformers 4/5
-        out = self.base.forward(embeds[None], positions[None], past_key_values=self.cache, use_cache=True,
-                                logits_to_keep=logits_to_keep)
+        if self.static_len and keys.shape[0] > self.static_len:
+            self._fallback(f"{keys.shape[0]} slots > static_len={self.static_len}")
+            if p:
+                raise NeedFullRead()
+        if self.static_len:
+            try:
+                if p == 0:
+                    self.cache = self._empty()
+                elif p < self.keys.shape[0]:
+                    self.cache.crop(p - self.keys.shape[0])
+                out = self.base.forward(embeds[None], positions[None], attention_mask=self._mask(keys.shape[0]),
+                                        past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+            except Exception as e:  # noqa: BLE001 - any failure of the optional path falls back
+                self._fallback(e)
+                raise NeedFullRead() from e
+        else:
+            if p == 0:
+                self.cache = None
+            elif p < self.keys.shape[0]:
+                self.cache.crop(p - self.keys.shape[0])  # negative = drop that many: same in transformers 4/5
+            out = self.base.forward(embeds[None], positions[None], past_key_values=self.cache, use_cache=True,
+                                    logits_to_keep=logits_to_keep)
         self.cache = out.past_key_values if self.reuse else None
         self.keys = keys if self.reuse else None
         log.debug("read %d of %d slots (reused %d)", keys.shape[0] - p, keys.shape[0], p)
@@ -96,8 +141,36 @@ class KVReader:
 
     def decode(self, token: int, position: int, key: int) -> Tensor:
         """One cached step: the slot ``key`` holding ``token`` at ``position`` -> next-token logits [V]."""
-        out = self.base.forward(self.base.embed(torch.tensor([[token]])), torch.tensor([[position]]),
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        if self.static_len and self.keys.shape[0] + 1 > self.static_len:
+            self._fallback(f"{self.keys.shape[0] + 1} slots > static_len={self.static_len}")
+            raise NeedFullRead()  # the caller re-reads (the dynamic cache takes over)
+        emb = self.base.embed(torch.tensor([[token]]))  # [1, 1, d]
+        pos = torch.tensor([[position]], device=self.base.device)
+        if self.compile_decode:
+            try:
+                logits = self._compiled(emb, pos)
+            except Exception as e:  # noqa: BLE001
+                self._fallback(e)
+                raise NeedFullRead() from e
+        else:
+            out = self.base.forward(emb, pos, attention_mask=self._mask(0), past_key_values=self.cache,
+                                    use_cache=True, logits_to_keep=1)
+            self.cache, logits = out.past_key_values, out.logits[0, -1]
         self.keys = torch.cat([self.keys, torch.tensor([key])])
-        return out.logits[0, -1]
+        return logits
+
+    def _compiled(self, emb: Tensor, pos: Tensor) -> Tensor:
+        b = self.base
+        if self._step is None:
+            self._step = torch.compile(b.model, mode="reduce-overhead", dynamic=False)
+        kw = {b._cache_arg: self.cache, "attention_mask": self._mask(0), "use_cache": True}
+        if b._keep_arg:
+            kw[b._keep_arg] = 1
+        if b.takes_positions:
+            kw["position_ids"] = pos
+        out = self._step(inputs_embeds=emb.to(b.dtype), **kw)
+        return out.logits[0, -1].clone()  # a graph's output buffer is overwritten by the next replay
+
+
+class NeedFullRead(Exception):
+    """The fast path cannot take this step: the caller re-reads every slot through the dynamic cache."""

@@ -215,3 +215,51 @@ def test_score_groups_and_cache_reuse_match_one_forward_per_chunk(tmp_path, focu
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert sa["score_slots_reused"] > 0 and sa["score_slots_read"] < sb["score_slots_read"]
     assert sb["score_slots_reused"] == 0
+
+
+def _sharp(model):
+    """A tiny random model with larger weights: varied greedy tokens, so token-equality tests can fail."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    return model
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("mode", ["static"])
+def test_fast_decode_gives_the_same_tokens(tmp_path, mode, temperature):
+    """The static-cache (and, on CUDA, compiled) decode path generates exactly the dynamic path's tokens."""
+    base = FrozenBase(_sharp(tiny_llama(seed=3)).to("cuda" if mode == "compiled" else "cpu"), name="tiny")
+    torch.manual_seed(2)
+    hist, prompt = torch.randint(1, 128, (700,)), torch.randint(1, 128, (20,))
+    outs = []
+    for fast in ("off", mode):
+        eng = _engine(base, tmp_path / fast, w_max=160, recent_raw=64, focus="lexical", fast_decode=fast)
+        eng.ingest(hist)
+        outs.append(list(eng.generate(prompt, SamplingConfig(max_new_tokens=70, temperature=temperature, seed=5))))
+    assert outs[0] == outs[1] and len(outs[0]) == 70 and len(set(outs[0])) > 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_compiled_decode_on_cuda_gives_the_same_tokens(tmp_path, temperature):
+    """CUDA graphs (torch.compile reduce-overhead) over the static cache: same tokens as the dynamic path."""
+    test_fast_decode_gives_the_same_tokens(tmp_path, "compiled", temperature)
+
+
+@pytest.mark.parametrize("fast", ["off", "static"])
+def test_generate_equals_plain_hf_greedy_when_the_budget_holds_everything(tmp_path, fast):
+    """Budget >= history: the WC is the raw history at its own positions, so greedy tokens are HF's own."""
+    model = _sharp(tiny_llama(seed=7))
+    base = FrozenBase(model, name="tiny")
+    torch.manual_seed(4)
+    hist, prompt = torch.randint(1, 128, (300,)), torch.randint(1, 128, (10,))
+    eng = _engine(base, tmp_path, w_max=1024, recent_raw=64, fast_decode=fast)
+    eng.ingest(hist)
+    ours = list(eng.generate(prompt, SamplingConfig(max_new_tokens=40)))
+    ctx = torch.cat([hist, prompt])[None]
+    with torch.no_grad():
+        ref = model.generate(ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=40, min_new_tokens=40,
+                             do_sample=False, pad_token_id=0)[0, ctx.shape[1]:].tolist()
+    assert ours == ref and len(set(ref)) > 5
