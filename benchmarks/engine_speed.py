@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -70,8 +71,8 @@ def _text_ids(base: FrozenBase, args) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plain_rates(base: FrozenBase, ids: torch.Tensor, args) -> dict:
-    """Plain HF: windowed scoring and greedy generate over the last w_max tokens."""
+def plain_rep(base: FrozenBase, ids: torch.Tensor, args) -> dict:
+    """Plain HF, one repetition: windowed scoring and greedy generate over the last w_max tokens."""
     dev, w, h, s = base.device, args.w_max, args.history_tokens, args.score_tokens
     model = base.model
 
@@ -87,36 +88,45 @@ def plain_rates(base: FrozenBase, ids: torch.Tensor, args) -> dict:
                               min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
                               pad_token_id=0)
 
-    score(), gen()  # warm-up
-    sc = [s / _timed(dev, score)[0] for _ in range(args.reps)]
-    ge = [args.new_tokens / _timed(dev, gen)[0] for _ in range(args.reps)]
-    return {"score_tok_s": statistics.median(sc), "generate_tok_s": statistics.median(ge),
-            "reps": {"score_tok_s": sc, "generate_tok_s": ge}}
+    return {"score_tok_s": s / _timed(dev, score)[0], "generate_tok_s": args.new_tokens / _timed(dev, gen)[0]}
 
 
-def mc_rates(base: FrozenBase, ids: torch.Tensor, args, focus: str, work: Path) -> dict:
-    """MegaContext: ingest the history, score the next tokens, generate after the prompt; fresh store per rep."""
+def mc_rep(base: FrozenBase, ids: torch.Tensor, args, focus: str, store: Path, n_hist: int) -> dict:
+    """MegaContext, one repetition in a fresh store: ingest the history, score the next tokens, generate."""
     dev, h, s = base.device, args.history_tokens, args.score_tokens
     cfg = EngineConfig(wc=WorkingContextConfig(w_max=args.w_max, recent_raw=128), focus=focus)
     lens = resolve(args.lensnet) if focus == "lensnet" else None
     prompt = ids[h + s:h + s + 32]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, stop_tokens=())
-    rows = []
-    for rep in range(args.reps + 1):  # rep 0 is the warm-up (a short history)
-        n_hist = min(h, 4096) if rep == 0 else h
-        with MegaContext.create(work / f"{focus}-{rep}", base, config=cfg, lensnet=lens, durable=False) as mc:
-            t_in, _ = _timed(dev, partial(mc.ingest, ids[:n_hist]))
-            t_sc, _ = _timed(dev, partial(mc.score, ids[h:h + s]))
-            t_ge, out = _timed(dev, lambda m=mc: list(m.generate_ids(prompt, sampling)))
-            stats = dict(mc.engine.read_stats)
-            timer = {k: round(v, 1) for k, v in mc.engine.timer.totals.items()}
-        row = {"ingest_tok_s": n_hist / t_in, "score_tok_s": s / t_sc, "generate_tok_s": len(out) / t_ge,
-               "generated": len(out), "read_stats": stats, "stage_ms": timer}
-        log.info("%s rep %d: %s", focus, rep, {k: round(v) for k, v in row.items() if k.endswith("tok_s")})
-        if rep:
-            rows.append(row)
-    keys = ("ingest_tok_s", "score_tok_s", "generate_tok_s")
-    return {**{k: statistics.median(r[k] for r in rows) for k in keys}, "reps": rows}
+    with MegaContext.create(store, base, config=cfg, lensnet=lens, durable=False) as mc:
+        t_in, _ = _timed(dev, partial(mc.ingest, ids[:n_hist]))
+        t_sc, _ = _timed(dev, partial(mc.score, ids[h:h + s]))
+        t_ge, out = _timed(dev, lambda: list(mc.generate_ids(prompt, sampling)))
+        stats = dict(mc.engine.read_stats)
+        timer = {k: round(v, 1) for k, v in mc.engine.timer.totals.items()}
+    return {"ingest_tok_s": n_hist / t_in, "score_tok_s": s / t_sc, "generate_tok_s": len(out) / t_ge,
+            "generated": len(out), "read_stats": stats, "stage_ms": timer}
+
+
+def run_all(base: FrozenBase, ids: torch.Tensor, args, work: Path) -> tuple[dict, dict]:
+    """Rep 0 warms up (a short history); then the systems take turns each repetition, so load drifts on a
+    shared machine hit them alike. Returns (plain, megacontext) with medians and every repetition."""
+    reps: dict[str, list[dict]] = {"plain": [], "recency": [], "learned": []}
+    for rep in range(args.reps + 1):
+        n_hist = min(args.history_tokens, 4096) if rep == 0 else args.history_tokens
+        rows = {"plain": plain_rep(base, ids, args),
+                "recency": mc_rep(base, ids, args, "recency", work / f"recency-{rep}", n_hist),
+                "learned": mc_rep(base, ids, args, "lensnet", work / f"learned-{rep}", n_hist)}
+        for name, row in rows.items():
+            log.info("rep %d %s: %s", rep, name, {k: round(v) for k, v in row.items() if k.endswith("tok_s")})
+            if rep:
+                reps[name].append(row)
+
+    def med(rows: list[dict]) -> dict:
+        keys = [k for k in rows[0] if k.endswith("tok_s")]
+        return {**{k: statistics.median(r[k] for r in rows) for k in keys}, "reps": rows}
+
+    return med(reps["plain"]), {"recency": med(reps["recency"]), "learned": med(reps["learned"])}
 
 
 def report(res: dict) -> str:
@@ -133,7 +143,8 @@ def report(res: dict) -> str:
         f"# Engine speed: plain HF vs MegaContext ({s['base']}, W_max {s['w_max']}, {s['history_tokens']:,}-token "
         "history)", "",
         f"- command: `{res['command']}`", f"- commit: `{res['commit']}`; machine: {res['machine']}",
-        f"- medians of {s['reps']} repetitions after a warm-up; score = {s['score_tokens']} tokens after the "
+        f"- medians of {s['reps']} repetitions after a warm-up (the systems take turns in each repetition); "
+        f"score = {s['score_tokens']} tokens after the "
         f"history, generate = {s['new_tokens']} greedy tokens after a 32-token prompt; text: {s['text']}", "",
         "| system | ingest tok/s | score tok/s | score vs plain | generate tok/s | generate vs plain |",
         "|---|---:|---:|---:|---:|---:|",
@@ -160,18 +171,17 @@ def main() -> None:
     logging.getLogger("megacontext").setLevel(logging.WARNING)
     base = FrozenBase.load(resolve(args.base), device=args.device, dtype=args.dtype)
     ids = _text_ids(base, args)
-    res = {"machine": machine(base.device), "command": "python " + " ".join(sys.argv),
+    res = {"machine": f"{machine(base.device)}, load avg {os.getloadavg()[0]:.1f} at start",
+           "command": "python " + " ".join(sys.argv),
            "commit": args.commit or git_commit(REPO),
            "settings": {"base": args.base, "w_max": args.w_max, "history_tokens": args.history_tokens,
                         "score_tokens": args.score_tokens, "new_tokens": args.new_tokens, "reps": args.reps,
                         "text": args.text or "ships_log(seed=1)", "lensnet": args.lensnet,
                         "torch": torch.__version__}}
     t0 = time.perf_counter()
-    res["plain"] = plain_rates(base, ids, args)
-    log.info("plain: %s", {k: round(v) for k, v in res["plain"].items() if k.endswith("tok_s")})
     with tempfile.TemporaryDirectory() as d:
-        res["megacontext"] = {"recency": mc_rates(base, ids, args, "recency", Path(d)),
-                              "learned": mc_rates(base, ids, args, "lensnet", Path(d))}
+        res["plain"], res["megacontext"] = run_all(base, ids, args, Path(d))
+    res["load_avg_1m_end"] = os.getloadavg()[0]
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
