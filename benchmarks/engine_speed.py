@@ -94,7 +94,8 @@ def plain_rep(base: FrozenBase, ids: torch.Tensor, args) -> dict:
 def mc_rep(base: FrozenBase, ids: torch.Tensor, args, focus: str, store: Path, n_hist: int) -> dict:
     """MegaContext, one repetition in a fresh store: ingest the history, score the next tokens, generate."""
     dev, h, s = base.device, args.history_tokens, args.score_tokens
-    cfg = EngineConfig(wc=WorkingContextConfig(w_max=args.w_max, recent_raw=128), focus=focus)
+    cfg = EngineConfig(wc=WorkingContextConfig(w_max=args.w_max, recent_raw=128), focus=focus,
+                       fast_decode=args.fast_decode)
     lens = resolve(args.lensnet) if focus == "lensnet" else None
     prompt = ids[h + s:h + s + 32]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, stop_tokens=())
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--score-tokens", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--fast-decode", default="auto", choices=["auto", "off", "static", "compiled"],
+                    help="MegaContext decode step (EngineConfig.fast_decode; auto = compiled on CUDA)")
     ap.add_argument("--commit", default="", help="record this commit (a copy without git metadata)")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "engine_speed"), help="OUT.{json,md}")
     args = ap.parse_args()
@@ -177,6 +180,7 @@ def main() -> None:
            "settings": {"base": args.base, "w_max": args.w_max, "history_tokens": args.history_tokens,
                         "score_tokens": args.score_tokens, "new_tokens": args.new_tokens, "reps": args.reps,
                         "text": args.text or "ships_log(seed=1)", "lensnet": args.lensnet,
+                        "fast_decode": args.fast_decode,
                         "torch": torch.__version__}}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:

@@ -52,7 +52,7 @@ from megacontext.core.config import Config, check
 from megacontext.focus.policy import FocusPolicy, FocusState, Phase
 from megacontext.focus.registry import POLICY_NAMES, make_policy
 from megacontext.runtime.generation import generate
-from megacontext.runtime.reader import KVReader, common_prefix, slot_keys, tiling_keys
+from megacontext.runtime.reader import KVReader, common_prefix, materialize_suffix, slot_keys, tiling_keys
 from megacontext.runtime.sampling import SamplingConfig
 from megacontext.runtime.telemetry import StageTimer, StepRecord, Telemetry, TelemetryConfig
 from megacontext.tree.window import gathering
@@ -272,12 +272,11 @@ class Engine:
             p = r.reusable(last.keys, need)
             t_wc = last.keys.shape[0] - last.fresh.numel()
             dev = self.base.device
-            if p < t_wc:
-                m = last.snap.materialize(self.view, self.base.embed)
-                if m.inputs_embeds.shape[0] > self.cfg.wc.w_max:
-                    raise AssertionError(f"working context materialised {m.inputs_embeds.shape[0]} slots > "
-                                         f"w_max={self.cfg.wc.w_max}")
-                wc_emb, wc_pos = m.inputs_embeds[p:], m.position_ids[p:].to(dev)
+            if t_wc > self.cfg.wc.w_max:
+                raise AssertionError(f"working context of {t_wc} slots > w_max={self.cfg.wc.w_max}")
+            if p < t_wc:  # only the slots from the first change on are gathered
+                wc_emb, wc_pos = materialize_suffix(last.snap, self.view, self.base.embed, p)
+                wc_pos = wc_pos.to(dev)
             else:
                 wc_emb, wc_pos = None, None
             skip = max(p - t_wc, 0)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from megacontext.runtime.reader import KVReader, NeedFullRead, tiling_keys
+from megacontext.runtime.reader import KVReader, NeedFullRead, materialize_suffix, tiling_keys
 from megacontext.runtime.sampling import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,16 @@ def _logits(e, reader: KVReader, changed: bool, new_token: int | None = None) ->
             pass
     with e.timer.stage("prefill"):
         keys = tiling_keys(e.wc.levels, e.wc.indices, e.num_tokens)
-        m = e.materialize()
+        if keys.shape[0] > e.cfg.wc.w_max:
+            raise AssertionError(f"working context of {keys.shape[0]} slots > w_max={e.cfg.wc.w_max}")
+        p = reader.reusable(keys, 1)  # re-read >= 1 slot for the logits
+        emb, pos = materialize_suffix(e.wc, e.view, e.base.embed, p)  # only the slots from the first change on
         try:
-            p = reader.reusable(keys, 1)  # re-read >= 1 slot for the logits
-            out = reader.read(m.inputs_embeds[p:], m.position_ids[p:], keys, p, 1)[-1]
+            out = reader.read(emb, pos, keys, p, 1)[-1]
         except NeedFullRead:
             p = 0
-            out = reader.read(m.inputs_embeds, m.position_ids, keys, 0, 1)[-1]
+            emb, pos = materialize_suffix(e.wc, e.view, e.base.embed, 0)
+            out = reader.read(emb, pos, keys, 0, 1)[-1]
         e.read_stats["slots_read"] += keys.shape[0] - p
         e.read_stats["slots_reused"] += p
         return out

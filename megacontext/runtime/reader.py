@@ -18,16 +18,25 @@ Invariants
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch import Tensor
 
 from megacontext.core.lod import BLOCK
 from megacontext.wc import TAIL_SLOT, Materialized
+from megacontext.wc.materialize import materialize_tiling
 
 log = logging.getLogger(__name__)
 
 GIST_KEY = 1 << 40  # slot keys: raw token -> its absolute index; gist -> level * 2^40 + index
+
+
+# one StaticCache (per model and size) and one compiled decode step per model, shared by successive readers:
+# new buffers or a new compiled wrapper per generate() call would re-capture CUDA graphs (or recompile) each time.
+# A reader checks that it still owns the shared cache before it reuses what it holds.
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {static_len: [cache, owner ref]}
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> torch.compile(model)
 
 
 def slot_keys(m: Materialized, levels: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
@@ -59,6 +68,21 @@ def tiling_keys(levels: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
     return torch.cat([body, tail])
 
 
+def materialize_suffix(wc, source, embed, p: int) -> tuple[Tensor, Tensor]:
+    """Slots ``[p, T)`` of a WC: (inputs_embeds [T - p, d], position_ids [T - p]), gathering only the entries
+    from the one holding slot ``p`` on (a reader that keeps a cached prefix needs no more)."""
+    lv = wc.levels
+    width = torch.where(lv == 0, BLOCK, 1)  # [E]
+    ends = torch.cumsum(width, 0)
+    e0 = int((ends <= p).sum())  # the entry holding slot p (== E when p is in the tail)
+    s0 = int(ends[e0 - 1]) if e0 else 0  # its first slot
+    m = materialize_tiling(lv[e0:], wc.indices[e0:], wc.num_tokens, source, embed, wc.cfg.position_mode)
+    pos = m.position_ids[p - s0:]
+    if wc.cfg.position_mode == "compact":
+        pos = pos + s0
+    return m.inputs_embeds[p - s0:], pos
+
+
 def common_prefix(a: Tensor, b: Tensor) -> int:
     n = min(a.shape[0], b.shape[0])
     diff = (a[:n] != b[:n]).nonzero()
@@ -83,9 +107,14 @@ class KVReader:
         self.keys: Tensor | None = None
         self._step = None  # the compiled model call
 
+    def _owns(self) -> bool:
+        """Static cache: whether the shared buffers still hold this reader's slots."""
+        slot = _STATIC.get(self.base.model, {}).get(self.static_len)
+        return slot is not None and slot[1]() is self
+
     def reusable(self, keys: Tensor, need: int) -> int:
         """How many leading slots of ``keys`` the cache already holds, leaving >= ``need`` slots to read."""
-        if not self.reuse or self.cache is None or self.keys is None:
+        if not self.reuse or self.cache is None or self.keys is None or (self.static_len and not self._owns()):
             return 0
         return max(min(common_prefix(self.keys, keys), keys.shape[0] - need), 0)
 
@@ -98,12 +127,19 @@ class KVReader:
         """An empty cache for a read from slot 0: the static buffers rewound, a new static cache, or None."""
         if not self.static_len:
             return None
-        if self.cache is not None:
-            self.cache.crop(-int(self.keys.shape[0]))
-            return self.cache
-        from transformers import StaticCache  # here: only the fast path needs it
+        per_model = _STATIC.setdefault(self.base.model, {})
+        slot = per_model.get(self.static_len)
+        if slot is None:
+            from transformers import StaticCache  # here: only the fast path needs it
 
-        return StaticCache(config=self.base.model.config, max_cache_len=self.static_len)
+            slot = per_model[self.static_len] = [StaticCache(config=self.base.model.config,
+                                                             max_cache_len=self.static_len), None]
+        cache = slot[0]
+        held = int(cache.get_seq_length())
+        if held:
+            cache.crop(-held)  # rewind what the last reader left: the buffers keep their addresses
+        slot[1] = weakref.ref(self)
+        return cache
 
     def _mask(self, t: int) -> Tensor | None:
         """Static cache: an all-ones mask over every slot (causality hides the stale and unwritten ones)."""
@@ -141,6 +177,8 @@ class KVReader:
 
     def decode(self, token: int, position: int, key: int) -> Tensor:
         """One cached step: the slot ``key`` holding ``token`` at ``position`` -> next-token logits [V]."""
+        if self.static_len and not self._owns():
+            raise NeedFullRead()  # another reader used the shared buffers: re-read into them
         if self.static_len and self.keys.shape[0] + 1 > self.static_len:
             self._fallback(f"{self.keys.shape[0] + 1} slots > static_len={self.static_len}")
             raise NeedFullRead()  # the caller re-reads (the dynamic cache takes over)
@@ -162,7 +200,9 @@ class KVReader:
     def _compiled(self, emb: Tensor, pos: Tensor) -> Tensor:
         b = self.base
         if self._step is None:
-            self._step = torch.compile(b.model, mode="reduce-overhead", dynamic=False)
+            if b.model not in _COMPILED:
+                _COMPILED[b.model] = torch.compile(b.model, mode="reduce-overhead", dynamic=False)
+            self._step = _COMPILED[b.model]
         kw = {b._cache_arg: self.cache, "attention_mask": self._mask(0), "use_cache": True}
         if b._keep_arg:
             kw[b._keep_arg] = 1

@@ -263,3 +263,27 @@ def test_generate_equals_plain_hf_greedy_when_the_budget_holds_everything(tmp_pa
         ref = model.generate(ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=40, min_new_tokens=40,
                              do_sample=False, pad_token_id=0)[0, ctx.shape[1]:].tolist()
     assert ours == ref and len(set(ref)) > 5
+
+
+def test_static_readers_sharing_one_model_stay_correct(tmp_path):
+    """Two memories on one base generate in turns: the shared static buffers are re-read, never mixed up."""
+    base = FrozenBase(_sharp(tiny_llama(seed=5)), name="tiny")
+    torch.manual_seed(6)
+    hists = [torch.randint(1, 128, (500,)), torch.randint(1, 128, (400,))]
+    sampling = SamplingConfig(max_new_tokens=40)
+
+    def engines(fast):
+        out = []
+        for i, h in enumerate(hists):
+            eng = _engine(base, tmp_path / f"{fast}{i}", w_max=160, recent_raw=64, fast_decode=fast)
+            eng.ingest(h)
+            out.append(eng)
+        return out
+
+    ref = [list(e.generate(torch.tensor([3, 4]), sampling)) for e in engines("off")]
+    gens = [e.generate(torch.tensor([3, 4]), sampling) for e in engines("static")]
+    got: list[list[int]] = [[], []]
+    for _ in range(40):  # interleaved token by token
+        for i, g in enumerate(gens):
+            got[i].append(next(g))
+    assert got == ref
