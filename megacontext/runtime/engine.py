@@ -80,7 +80,7 @@ class EngineConfig(Config):
     # bulk ingest: append + sync in batches of this many tokens, no focus rounds; the next read (score,
     # generate) runs up to settle_rounds focus rounds until the WC is stable. False: refocus every k (as in v1)
     lazy_focus: bool = True
-    ingest_batch: int = 4096  # tokens per append + WC sync + telemetry record in a lazy ingest
+    ingest_batch: int = 16384  # tokens per append + WC sync + telemetry record in a lazy ingest
     settle_rounds: int = 4  # cap on the focus rounds a read runs after a lazy ingest
     score_group: int = 512  # score: most new tokens read by one base forward (chunks whose WC only grew)
     # generation's decode step: auto = "compiled" on CUDA, "off" elsewhere; static = a preallocated HF StaticCache;
@@ -197,10 +197,16 @@ class Engine:
                 bar.update(chunk.numel())
             bar.close()
             return
-        # batches never pass the tree's commit interval, so its durability cadence holds inside one call
-        tree_cfg = getattr(self.source, "config", None)
-        step = min(self.cfg.ingest_batch, getattr(tree_cfg, "commit_tokens", self.cfg.ingest_batch))
-        for piece in torch.split(ids, step):
+        # batches end on multiples of ingest_batch of the absolute stream (so the tiling depends little on how
+        # callers split a text) and never pass the tree's commit interval (so its durability cadence holds)
+        b = self.cfg.ingest_batch
+        cap = getattr(getattr(self.source, "config", None), "commit_tokens", b)
+        i = 0
+        while i < ids.numel():
+            pos = self.num_tokens
+            take = min((pos // b + 1) * b - pos, cap, ids.numel() - i)
+            piece = ids[i:i + take]
+            i += take
             self._append(piece)
             self._sync(self.num_tokens)
             self._stale = True

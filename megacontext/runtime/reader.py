@@ -37,6 +37,7 @@ GIST_KEY = 1 << 40  # slot keys: raw token -> its absolute index; gist -> level 
 # A reader checks that it still owns the shared cache before it reuses what it holds.
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {static_len: [cache, owner ref]}
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> torch.compile(model)
+_UNSUPPORTED: weakref.WeakSet = weakref.WeakSet()  # models whose fast path failed once: not tried again
 
 
 def slot_keys(m: Materialized, levels: Tensor, indices: Tensor, num_tokens: int) -> Tensor:
@@ -101,7 +102,7 @@ class KVReader:
     def __init__(self, base, reuse: bool = True, static_len: int = 0, compile_decode: bool = False):
         self.base = base
         self.reuse = reuse
-        self.static_len = static_len if reuse else 0
+        self.static_len = static_len if reuse and base.model not in _UNSUPPORTED else 0
         self.compile_decode = compile_decode and self.static_len > 0
         self.cache = None
         self.keys: Tensor | None = None
@@ -120,6 +121,10 @@ class KVReader:
 
     def _fallback(self, why: Exception | str) -> None:
         log.warning("static KV cache / compiled decode unavailable (%s); using the dynamic cache", why)
+        if self.static_len and self._owns():
+            del _STATIC[self.base.model][self.static_len]  # its state is unknown after a failure
+        if isinstance(why, Exception):
+            _UNSUPPORTED.add(self.base.model)
         self.static_len, self.compile_decode, self._step = 0, False, None
         self.cache, self.keys = None, None
 
@@ -184,16 +189,18 @@ class KVReader:
             raise NeedFullRead()  # the caller re-reads (the dynamic cache takes over)
         emb = self.base.embed(torch.tensor([[token]]))  # [1, 1, d]
         pos = torch.tensor([[position]], device=self.base.device)
-        if self.compile_decode:
-            try:
+        try:
+            if self.compile_decode:
                 logits = self._compiled(emb, pos)
-            except Exception as e:  # noqa: BLE001
-                self._fallback(e)
-                raise NeedFullRead() from e
-        else:
-            out = self.base.forward(emb, pos, attention_mask=self._mask(0), past_key_values=self.cache,
-                                    use_cache=True, logits_to_keep=1)
-            self.cache, logits = out.past_key_values, out.logits[0, -1]
+            else:
+                out = self.base.forward(emb, pos, attention_mask=self._mask(0), past_key_values=self.cache,
+                                        use_cache=True, logits_to_keep=1)
+                self.cache, logits = out.past_key_values, out.logits[0, -1]
+        except Exception as e:  # noqa: BLE001 - any failure of the optional path falls back
+            if not self.static_len:
+                raise
+            self._fallback(e)
+            raise NeedFullRead() from e
         self.keys = torch.cat([self.keys, torch.tensor([key])])
         return logits
 

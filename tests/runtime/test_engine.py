@@ -287,3 +287,24 @@ def test_static_readers_sharing_one_model_stay_correct(tmp_path):
         for i, g in enumerate(gens):
             got[i].append(next(g))
     assert got == ref
+
+
+def test_fast_decode_falls_back_cleanly_when_unsupported(tmp_path, monkeypatch, caplog):
+    """A model or transformers version without static-cache support: one warning, the dynamic path's tokens."""
+    import transformers
+
+    def broken(*a, **k):
+        raise NotImplementedError("no static cache for this model")
+
+    base = FrozenBase(_sharp(tiny_llama(seed=8)), name="tiny")
+    torch.manual_seed(9)
+    hist = torch.randint(1, 128, (400,))
+    outs = []
+    for fast in ("off", "static"):
+        if fast == "static":
+            monkeypatch.setattr(transformers, "StaticCache", broken)
+        eng = _engine(base, tmp_path / fast, w_max=160, recent_raw=64, fast_decode=fast)
+        eng.ingest(hist)
+        outs.append(list(eng.generate(torch.tensor([7, 8]), SamplingConfig(max_new_tokens=30))))
+    assert outs[0] == outs[1]
+    assert "using the dynamic cache" in caplog.text
