@@ -1,8 +1,8 @@
 """The runtime loop: stream tokens into the tree, keep the working context in budget, refocus it, let the
 frozen base model read it (to score text or to generate).
 
-Ingest (``lazy_focus``, the default) is batch-shaped: ids go to the tree in batches of ``ingest_batch`` tokens
-(never more than the tree's commit interval, so its durability cadence holds), each followed by one
+Ingest (``lazy_focus``, the default) is batch-shaped: ids go to the tree in batches ending on multiples of
+``ingest_batch`` (never more than the tree's commit interval, so its durability cadence holds), each followed by one
 ``wc.sync`` (new tokens enter raw; the recency rule collapses the oldest detail if the budget breaks) and one
 telemetry record. No focus round runs while nobody reads; the WC is marked stale and the next read
 (``score``, ``generate``) first runs focus rounds until one changes nothing (``settle_rounds`` at most).
