@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from megacontext.core.lod import BLOCK
-from megacontext.wc import TAIL_SLOT, Materialized
-from megacontext.wc.materialize import materialize_tiling
+from megacontext.wc import TAIL_SLOT, Materialized, materialize_tiling
 
 log = logging.getLogger(__name__)
 
