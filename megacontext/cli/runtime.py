@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from megacontext.core.config import add_config_args, config_dests, config_from_args
@@ -126,8 +127,11 @@ def _read_inputs(files: list[str]) -> str:
 def cmd_ingest(args) -> int:
     text = _read_inputs(args.files)
     with _open(args, create_ok=True) as mc:
-        n = mc.ingest(text, progress=True)  # durable when it returns
-        print(f"ingested {n:,} tokens; memory now holds {mc.num_tokens:,} tokens; {mc.engine.wc}")
+        t0 = time.perf_counter()
+        n = mc.ingest(text, progress=True)  # durable when it returns (tokenising + append + gists + flush)
+        rate = n / max(time.perf_counter() - t0, 1e-9)
+        print(f"ingested {n:,} tokens ({rate:,.0f} tokens/s); memory now holds {mc.num_tokens:,} tokens; "
+              f"{mc.engine.wc}")
     return 0
 
 

@@ -9,12 +9,12 @@ allocator that refocuses it.
 
 Other packages import from here, never from the modules (``tests/test_layering.py`` checks it): the live
 working context through :class:`WorkingContext`'s methods; code that reasons about tilings other than
-the live one (LensNet's counterfactual labels, per-chunk benchmark contexts) through the pure tiling
-functions exported below.
+the live one (LensNet's counterfactual labels, per-chunk benchmark contexts, the runtime's reads of a WC's
+slots after a cached prefix) through the pure tiling functions exported below.
 """
 
 from megacontext.wc.allocator import AllocatorConfig, StepTelemetry
-from megacontext.wc.materialize import TAIL_SLOT, Materialized
+from megacontext.wc.materialize import TAIL_SLOT, Materialized, materialize_tiling
 from megacontext.wc.tiling import (
     ACTION_COST,
     BudgetError,
@@ -36,5 +36,5 @@ __all__ = [
     "ACTION_COST", "TAIL_SLOT", "AllocatorConfig", "BudgetError", "EntryState", "IllegalActionError",
     "InvariantError", "Materialized", "StepTelemetry", "WorkingContext", "WorkingContextConfig",
     "WorkingContextError", "apply_actions", "check_invariants", "collapse_by_recency", "first_protected_block",
-    "min_cost", "min_w_max", "reach", "sibling_runs",
+    "materialize_tiling", "min_cost", "min_w_max", "reach", "sibling_runs",
 ]

@@ -37,7 +37,8 @@ def test_off_switch_and_rotation(tiny_base, tmp_path):
     with MegaContext.create(tmp_path / "off", tiny_base, config=off, durable=False) as mc:
         mc.ingest(_ids(3000))
     assert not list((tmp_path / "off").glob("telemetry*"))
-    small = EngineConfig(wc=WC, telemetry=TelemetryConfig(every=1, max_bytes=4096, keep_files=2))
+    small = EngineConfig(wc=WC, ingest_batch=32,  # one record per 32 tokens, as many as a v1 refocus log
+                         telemetry=TelemetryConfig(every=1, max_bytes=4096, keep_files=2))
     with MegaContext.create(tmp_path / "rot", tiny_base, config=small, durable=False) as mc:
         mc.ingest(_ids(30_016))
     logs = sorted(p.name for p in (tmp_path / "rot").glob("telemetry*"))
