@@ -96,8 +96,9 @@ def run_net(net: LensNet, base, batch: dict, model: torch.nn.Module | None = Non
     """Scores [B, E] of a collated batch; ``model`` (e.g. the DDP wrapper of ``net``) runs the forward."""
     dev = base.device
     tail, tmask = tail_inputs(base, batch["tail"][:, -net.cfg.tail_tokens:].to(dev))
+    lex = batch["lexical"].to(dev) if net.cfg.lexical_features and "lexical" in batch else None
     return (model or net)(batch["entries"].to(dev), batch["levels"].to(dev), batch["ages"].to(dev),
-                          batch["mask"].to(dev), tail, tmask.to(dev))
+                          batch["mask"].to(dev), tail, tmask.to(dev), lexical=lex)
 
 
 def spearman_per_context(scores: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ BM25 (per block ``b``, query term ``q`` with document frequency ``df``, ``N`` in
   ``score(b) = sum_q w(qtf_q) * idf(q) * tf(q, b) (k1 + 1) / (tf(q, b) + k1)``
   ``idf(q) = log(1 + (N - df + 0.5) / (df + 0.5))`` (never negative), ``w(qtf) = qtf (k3 + 1) / (qtf + k3)``.
   Every block holds exactly 32 tokens, so BM25's length normalisation (``b``) is identically 1 and is left
-  out. Terms occurring in more than ``max_df`` of all indexed blocks (``the``, ``,``) are skipped before
-  their postings are read: their idf is near zero and their postings are the only ones that grow with the
-  history. ``limit_block`` restricts a query to a prefix ``[0, limit)`` (``N`` and ``df`` then count that
-  prefix only), so one index serves every prefix of its history, as a causal reader needs.
+  out. Terms occurring in more than ``max_df`` of the searched blocks (``the``, ``,``) are skipped before
+  their postings are read (their df is known from the posting ranges): their idf is near zero and their
+  postings are the only ones that grow with the history. ``limit_block`` restricts a query to a prefix
+  ``[0, limit)`` (``N``, ``df`` and the cutoff then count that prefix only), so one index serves every prefix
+  of its history and a reader at block ``limit`` is exactly causal.
 
 Aggregation up the levels: an entry of LOD``l >= 1`` covers blocks ``[i * 32^(l-1), (i + 1) * 32^(l-1))``;
 :func:`entry_scores` gives every working-context entry the max, the sum and the best block (argmax) of the
@@ -179,25 +180,30 @@ class LexicalIndex:
     # ------------------------------------------------------------------ queries
     def postings(self, q: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query-term number [M], block [M], tf [M]) of every posting of terms ``q`` [Q] in blocks < limit,
-        skipping terms over the ``max_df`` cutoff (decided on the whole index, before any posting is read)."""
-        if not self.segments or q.shape[0] == 0 or limit <= 0:
+        skipping terms over the ``max_df`` cutoff (decided from posting-range lengths, before any is read)."""
+        segs = [s for s in self.segments if s.first < limit]
+        if not segs or q.shape[0] == 0 or limit <= 0:
             z = np.zeros(0, np.int64)
             return z, z, z
-        looked = [s.lookup(q) for s in self.segments]
-        df_all = sum((e - s) for _, s, e in looked)  # [Q] whole-index df: known before any posting is read
+        ranges = []
+        for seg in segs:
+            _, s, e = seg.lookup(q)
+            if seg.end > limit:  # the segment holding the limit: cut each term's range (a loop over Q terms)
+                e = e.copy()
+                for i in np.flatnonzero(e > s):
+                    e[i] = s[i] + np.searchsorted(seg.blocks[s[i]:e[i]], limit)
+            ranges.append((s, e))
+        df = sum(e - s for s, e in ranges)  # [Q] document frequency within [0, limit)
         keep = np.ones(q.shape[0], bool)
-        if self.num_blocks >= self.cfg.min_blocks_for_cutoff and self.cfg.max_df < 1:
-            keep = df_all <= self.cfg.max_df * self.num_blocks
-        segs = [s for s in self.segments if s.first < limit]
+        if limit >= self.cfg.min_blocks_for_cutoff and self.cfg.max_df < 1:
+            keep = df <= self.cfg.max_df * limit
         qn, bl, tf = [], [], []
-        for seg, (_, s, e) in zip(segs, looked[: len(segs)], strict=True):
+        for seg, (s, e) in zip(segs, ranges, strict=True):
             idx, owner = gather_ranges(s[keep], e[keep])
             qn.append(np.flatnonzero(keep)[owner])
             bl.append(seg.blocks[idx])
             tf.append(seg.tf[idx].astype(np.int64))
-        qn, bl, tf = np.concatenate(qn), np.concatenate(bl), np.concatenate(tf)
-        m = bl < limit
-        return qn[m], bl[m], tf[m]
+        return np.concatenate(qn), np.concatenate(bl), np.concatenate(tf)
 
     def scores(self, query_ids, limit_block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """BM25 of every block sharing a term with ``query_ids`` (any int sequence; -1 = padding, ignored).
