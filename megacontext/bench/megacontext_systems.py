@@ -4,6 +4,10 @@ Registered systems (all share :class:`MegaContextSystem`; only the compressor an
 - ``megacontext-recency``: trained GistNet LOD1 gists, LOD2 = mean pool of LOD1 gists (GistCompressor with
   ``level2="meanpool"``), recency tiling only (newest raw, older LOD1, oldest LOD2).
 - ``megacontext-lensnet``: the same gists + ``rounds`` LensPolicy refocus steps before each scored chunk.
+- ``megacontext``: the product default, whatever it is (today the same as ``megacontext-lensnet``: the
+  default GistNet and LensNet checkpoints); the suite reports it under this stable name, so a change of
+  default moves the row rather than renaming it. A LensNet trained with the lexical feature also passes
+  its best-matching blocks to the allocator (multi-level moves).
 - ``megacontext-lexical``: the same gists + the engine's LexicalFocus. This is a training-free *heuristic*
   (rare n-gram overlap with the recent tokens), not a learned policy; its rows measure what a lexical
   pointer buys, as a reference for LensNet. It searches the whole prefix for n-gram matches in every round
@@ -231,6 +235,7 @@ def _register(name: str, factory, **fixed) -> None:
     register_system(name, lambda base, opts: factory(base, {**opts, **fixed}, name))
 
 
+_register("megacontext", _lensnet)  # the product default: keep in step with the defaults of EngineConfig/demo
 _register("megacontext-recency", _recency)
 _register("megacontext-rawfirst", _recency, recency="raw_first")
 _register("megacontext-lensnet", _lensnet)
