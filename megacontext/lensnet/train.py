@@ -55,6 +55,7 @@ class LensTrainConfig(Config):
     eval_every: int = 250
     save_every: int = 500
     seed: int = 0
+    max_seconds: float = 0.0  # > 0: stop (evaluate, save final) once training took this long; single process only
     model: LensNetConfig = field(default_factory=LensNetConfig)
     loss: LensLossConfig = field(default_factory=LensLossConfig)
 
@@ -65,6 +66,7 @@ class LensTrainConfig(Config):
         check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         check(self.warmup >= 0, f"warmup={self.warmup} must be >= 0")
         check(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must lie in [0, 1)")
+        check(self.max_seconds >= 0, f"max_seconds={self.max_seconds} must be >= 0")
         check(self.eval_every >= 1 and self.save_every >= 1,
               f"eval_every={self.eval_every} and save_every={self.save_every} must be >= 1")
 
@@ -227,6 +229,10 @@ def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) ->
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)  # grads already rank-averaged
         opt.step()
         done = step + 1
+        if cfg.max_seconds and not info.enabled and time.perf_counter() - t0 > cfg.max_seconds:
+            bar.close()
+            log.info("max_seconds=%s reached at step %d of %d", cfg.max_seconds, done, cfg.steps)
+            cfg = cfg.replace(steps=done)  # this step is the last: evaluate and save as at the end
         evaluating = done % cfg.eval_every == 0 or done == cfg.steps
         saving = done % cfg.save_every == 0 or done == cfg.steps
         if done % 10 == 0 or done == cfg.steps:
@@ -247,6 +253,8 @@ def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) ->
             _save(last, net, opt, base, cfg, done, scale, metrics)
         if info.enabled and (saving or evaluating):
             D.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+        if done == cfg.steps:
+            break
     if not info.main:
         D.barrier()  # pairs with rank 0's barrier after the final checkpoint below
         return {"target_scale": scale}
