@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--train-seconds", type=float, default=150.0)
     ap.add_argument("--batch-size", type=int, default=256, help="variants per base forward while labelling")
     ap.add_argument("--rounds", type=int, default=4, help="refocus rounds per evaluated question")
+    ap.add_argument("--phrasings", type=int, default=2, help="variants averaged per label (1 = fastest)")
+    ap.add_argument("--max-labels", type=int, default=12, help="labelled entries per context")
+    ap.add_argument("--contexts-per-item", type=int, default=4)
     ap.add_argument("--held-every", type=int, default=8)
     ap.add_argument("--smoke", action="store_true", help="tiny settings: check the code path on CPU")
     args = ap.parse_args()
@@ -93,12 +96,13 @@ def main() -> None:
 
     base, comp, version = load_models(BASE_MODEL, GISTNET_MODEL, args.device, "float32")
     (tb, tm), (hb, hm) = load_data(Path(args.carry), args.held_every)
-    fcfg = FarConfig(max_history=4096 if args.smoke else 16384)
+    fcfg = FarConfig(max_history=4096 if args.smoke else 16384, phrasings=args.phrasings)
     items = make_items(args.train_items, tb, tm, base.encode, fcfg, seed=0)
     summary: dict = {"commit": _commit(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
                      "cpu", "argv": vars(args), "far_config": fcfg.to_dict()}
 
     lcfg = FarLabelConfig(seconds=args.label_seconds, batch_size=args.batch_size, data=fcfg,
+                          max_labels=args.max_labels, contexts_per_item=args.contexts_per_item,
                           budgets=(1024,) if args.smoke else (1024, 2048))
     summary["labels"] = generate_far_labels(base, comp, items, lcfg, out / "labels", version)
     summary["seconds_labels"] = round(time.perf_counter() - t0, 1)

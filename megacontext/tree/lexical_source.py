@@ -38,7 +38,8 @@ class SourceIndex:
         if own is not None:  # a store: its persistent index, caught up with pending blocks
             own.sync(source)
             return own, n
-        owner = getattr(source, "full", None) or getattr(source, "view", None) or source
+        owner = next((o for o in (getattr(source, "full", None), getattr(source, "view", None)) if o is not None),
+                     source)
         if owner is not self._owner:
             self._owner, self._index = owner, LexicalIndex(self.cfg)
         have = self._index.num_blocks
