@@ -19,7 +19,10 @@ BM25 (per block ``b``, query term ``q`` with document frequency ``df``, ``N`` in
   Every block holds exactly 32 tokens, so BM25's length normalisation (``b``) is identically 1 and is left
   out. Terms occurring in more than ``max_df`` of the searched blocks (``the``, ``,``) are skipped before
   their postings are read (their df is known from the posting ranges): their idf is near zero and their
-  postings are the only ones that grow with the history. ``limit_block`` restricts a query to a prefix
+  postings are the only ones that grow with the history; terms in more than ``max_postings`` blocks are
+  skipped as well, which bounds a query's work by ``Q * max_postings`` however long the history (on a
+  long history such a term's idf is still ~log(N / max_postings), so little is lost). ``limit_block``
+  restricts a query to a prefix
   ``[0, limit)`` (``N``, ``df`` and the cutoff then count that prefix only), so one index serves every prefix
   of its history and a reader at block ``limit`` is exactly causal.
 
@@ -48,6 +51,7 @@ class BM25Config(Config):
     k3: float = 8.0  # query-term-frequency saturation
     max_df: float = 0.05  # terms in more than this fraction of the indexed blocks are ignored (stop words)
     min_blocks_for_cutoff: int = 64  # below this many blocks the max_df cutoff is off (df is too noisy)
+    max_postings: int = 8192  # terms in more blocks than this are skipped too: a query reads <= Q * this postings
     fanout: int = 4  # each segment holds >= fanout times the blocks of the next newer one (else they merge)
 
     def __post_init__(self):
@@ -56,6 +60,7 @@ class BM25Config(Config):
         check(0 < self.max_df <= 1, f"max_df={self.max_df} must lie in (0, 1]")
         check(self.min_blocks_for_cutoff >= 0, f"min_blocks_for_cutoff={self.min_blocks_for_cutoff} must be >= 0")
         check(self.fanout >= 2, f"fanout={self.fanout} must be >= 2")
+        check(self.max_postings >= 1, f"max_postings={self.max_postings} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -194,9 +199,9 @@ class LexicalIndex:
                     e[i] = s[i] + np.searchsorted(seg.blocks[s[i]:e[i]], limit)
             ranges.append((s, e))
         df = sum(e - s for s, e in ranges)  # [Q] document frequency within [0, limit)
-        keep = np.ones(q.shape[0], bool)
+        keep = df <= self.cfg.max_postings
         if limit >= self.cfg.min_blocks_for_cutoff and self.cfg.max_df < 1:
-            keep = df <= self.cfg.max_df * limit
+            keep &= df <= self.cfg.max_df * limit
         qn, bl, tf = [], [], []
         for seg, (s, e) in zip(segs, ranges, strict=True):
             idx, owner = gather_ranges(s[keep], e[keep])

@@ -22,7 +22,7 @@ def brute_bm25(ids: np.ndarray, query, cfg: BM25Config, limit: int | None = None
     out: dict[int, float] = {}
     for term, c in zip(q.tolist(), qtf.tolist(), strict=True):
         df = sum(1 for b in blocks if term in b)
-        if df == 0 or (n >= cfg.min_blocks_for_cutoff and df > cfg.max_df * n):
+        if df == 0 or df > cfg.max_postings or (n >= cfg.min_blocks_for_cutoff and df > cfg.max_df * n):
             continue
         idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
         qw = c * (cfg.k3 + 1) / (c + cfg.k3)
@@ -36,11 +36,11 @@ def brute_bm25(ids: np.ndarray, query, cfg: BM25Config, limit: int | None = None
 @settings(max_examples=40, deadline=None)
 @given(n_blocks=st.integers(1, 70), vocab=st.integers(2, 60), chunks=st.lists(st.integers(1, 9), min_size=1,
        max_size=12), seed=st.integers(0, 10_000), max_df=st.sampled_from([1.0, 0.3]),
-       limit=st.one_of(st.none(), st.integers(0, 80)))
-def test_bm25_matches_brute_force(n_blocks, vocab, chunks, seed, max_df, limit):
+       limit=st.one_of(st.none(), st.integers(0, 80)), max_postings=st.sampled_from([8192, 5]))
+def test_bm25_matches_brute_force(n_blocks, vocab, chunks, seed, max_df, limit, max_postings):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, size=n_blocks * 32)
-    cfg = BM25Config(max_df=max_df, min_blocks_for_cutoff=8, fanout=2)
+    cfg = BM25Config(max_df=max_df, min_blocks_for_cutoff=8, fanout=2, max_postings=max_postings)
     idx = LexicalIndex(cfg)
     at = 0
     for c in chunks * 10:  # arbitrary batch sizes: segments and merges must not change any score
