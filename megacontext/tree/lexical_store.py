@@ -194,9 +194,12 @@ class StoredLexicalIndex(LexicalIndex):
                 f.unlink(missing_ok=True)
 
 
-def open_lexical(tree) -> StoredLexicalIndex:
+def open_lexical(tree) -> StoredLexicalIndex | None:
     """The lexical index of an opened :class:`~megacontext.tree.store.MegaContextTree` (created, caught up or
-    rebuilt as needed; what was repaired is added to ``tree.recovery``)."""
+    rebuilt as needed; what was repaired is added to ``tree.recovery``). A read-only opener of a store that
+    has none gets None rather than an O(history) build at open (policies then index what they read)."""
+    if not tree.writable and not (Path(tree.root) / LEX_DIR / MANIFEST).is_file():
+        return None
     lod0 = tree._files[0]
     idx, notes = StoredLexicalIndex.open(tree.root, lod0.read, lod0.count, tree.writable, tree.config.durable)
     tree.recovery += notes

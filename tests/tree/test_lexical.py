@@ -162,3 +162,8 @@ def test_lexical_off(tmp_path):
         t.append(np.arange(64) % 64)
         assert t.lexical is None
     assert not (tmp_path / "s" / LEX_DIR).exists()
+    with MegaContextTree.open(tmp_path / "s", readonly=True) as t:
+        assert t.lexical is None  # no O(history) build for a read-only opener
+    with MegaContextTree.open(tmp_path / "s", COMP) as t:  # a writer adds the index of an older store
+        assert t.lexical.num_blocks == 2
+    assert (tmp_path / "s" / LEX_DIR / MANIFEST).is_file()
