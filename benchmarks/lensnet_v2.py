@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--contexts-per-item", type=int, default=4)
     ap.add_argument("--held-every", type=int, default=8)
     ap.add_argument("--smoke", action="store_true", help="tiny settings: check the code path on CPU")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no labels, no training: recency / shipped LensNet / lexical / oracle on held-out items")
+    ap.add_argument("--max-history", type=int, default=16384)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.smoke:
@@ -87,7 +90,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from megacontext.focus import LexicalFocus
-    from megacontext.focus.far_eval import far_gap
     from megacontext.focus.lens import LensPolicy
     from megacontext.lensnet.labels import LabelSet
     from megacontext.lensnet.model import LensNet, LensNetConfig
@@ -96,10 +98,16 @@ def main() -> None:
 
     base, comp, version = load_models(BASE_MODEL, GISTNET_MODEL, args.device, "float32")
     (tb, tm), (hb, hm) = load_data(Path(args.carry), args.held_every)
-    fcfg = FarConfig(max_history=4096 if args.smoke else 16384, phrasings=args.phrasings)
-    items = make_items(args.train_items, tb, tm, base.encode, fcfg, seed=0)
+    fcfg = FarConfig(max_history=4096 if args.smoke else args.max_history, phrasings=args.phrasings)
     summary: dict = {"commit": _commit(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
                      "cpu", "argv": vars(args), "far_config": fcfg.to_dict()}
+    budgets = (1024,) if args.smoke else (1024, 2048)
+    old_net, old_meta = LensNet.load(LENSNET_MODEL, base)
+    policies = {"lensnet_shipped": LensPolicy(old_net, base), "lexical": LexicalFocus()}
+    held = make_items(3 * args.eval_items, hb, hm, base.encode, fcfg, seed=1)
+    if args.eval_only:
+        return _evaluate(summary, base, comp, held, policies, budgets, args, out, t0)
+    items = make_items(args.train_items, tb, tm, base.encode, fcfg, seed=0)
 
     lcfg = FarLabelConfig(seconds=args.label_seconds, batch_size=args.batch_size, data=fcfg,
                           max_labels=args.max_labels, contexts_per_item=args.contexts_per_item,
@@ -115,7 +123,6 @@ def main() -> None:
     summary["train"] = train_lensnet(base, tcfg)
     summary["seconds_train"] = round(time.perf_counter() - t0, 1)
     new_net, new_meta = LensNet.load(out / "lensnet" / "final", base)
-    old_net, old_meta = LensNet.load(LENSNET_MODEL, base)
     _, val = LabelSet.load(out / "labels").split(tcfg.val_fraction)
     summary["ranking"] = {"val_contexts": len(val)}
     if len(val):  # held-out sources of the label cache (none in a one-source smoke run)
@@ -123,21 +130,25 @@ def main() -> None:
             lensnet_v2_lexical=evaluate(new_net, base, val, new_meta["target_scale"], tcfg.loss),
             lensnet_shipped=evaluate(old_net, base, val, old_meta["target_scale"], tcfg.loss))
 
-    policies = {"lensnet_shipped": LensPolicy(old_net, base), "lensnet_v2_lexical": LensPolicy(new_net, base),
-                "lexical": LexicalFocus()}
-    held = make_items(3 * args.eval_items, hb, hm, base.encode, fcfg, seed=1)
-    budgets = (1024,) if args.smoke else (1024, 2048)
-    summary["end_to_end"] = {"all": far_gap(base, comp, held, policies, budgets, args.rounds)}
-    for kind in sorted({it.kind for it in held}):
-        sub = [it for it in held if it.kind == kind]
-        summary["end_to_end"][kind] = far_gap(base, comp, sub, policies, budgets, args.rounds)
+    policies["lensnet_v2_lexical"] = LensPolicy(new_net, base)
+    _evaluate(summary, base, comp, held, policies, budgets, args, out, t0)
+
+
+def _evaluate(summary, base, comp, held, policies, budgets, args, out, t0) -> None:
+    from megacontext.focus.far_eval import far_rows, summarise
+
+    rows = far_rows(base, comp, held, policies, budgets, args.rounds)
+    summary["end_to_end"] = {"all": summarise(rows, budgets)}
+    for kind in sorted({r["kind"] for r in rows}):
+        summary["end_to_end"][kind] = summarise([r for r in rows if r["kind"] == kind], budgets)
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("labels", "ranking", "seconds_total")}, indent=1))
-    for b in budgets:
-        r = summary["end_to_end"]["all"][str(b)]
-        print(b, {p: (round(r[p]["nll"]["value"], 4), r[p].get("gap_closed", {}).get("value"),
-                      round(r[p]["evidence_raw"], 3)) for p in r if p != "items"})
+    print(json.dumps({k: summary.get(k) for k in ("labels", "ranking", "seconds_total")}, indent=1))
+    for kind, res in summary["end_to_end"].items():
+        for b in budgets:
+            r = res[str(b)]
+            print(kind, b, r["items"], {p: (round(r[p]["nll"]["value"], 4), r[p].get("gap_closed", {}).get("value"),
+                                            round(r[p]["evidence_raw"], 3)) for p in r if p != "items"})
 
 
 def _commit() -> str:

@@ -38,26 +38,38 @@ def run_policy(base, view: DocView, item, w_max: int, policy, rounds: int, recen
 
 
 @torch.no_grad()
-def far_gap(base, compressor, items: list, policies: dict, budgets=(1024, 2048), rounds: int = 4,
-            recent_raw: int = 64, tail: int = 64, alloc: AllocatorConfig | None = None) -> dict:
-    """``policies``: name -> policy (``recency`` and ``oracle`` are added). Returns per budget the mean NLL,
-    evidence-raw fraction (with intervals) and ``gap_closed`` of every named policy."""
+def far_rows(base, compressor, items: list, policies: dict, budgets=(1024, 2048), rounds: int = 4,
+             recent_raw: int = 64, tail: int = 64, alloc: AllocatorConfig | None = None) -> list[dict]:
+    """Per item: ``{"kind", budget: {policy: {"nll", "evidence_raw"}}}`` for ``recency``, every policy in
+    ``policies`` (name -> policy) and ``oracle``."""
     alloc = alloc or AllocatorConfig()
     allp = {"recency": None, **policies, "oracle": EvidenceFocus()}
-    rows: dict[int, dict[str, list[dict]]] = {b: {p: [] for p in allp} for b in budgets}
+    rows = []
     for item in items:
         view = DocView.build(base, compressor, item.ids(0))
-        for b in budgets:
-            for name, pol in allp.items():
-                rows[b][name].append(run_policy(base, view, item, b, pol, rounds, recent_raw, tail, alloc))
+        rows.append({"kind": item.kind, **{b: {name: run_policy(base, view, item, b, pol, rounds, recent_raw, tail,
+                                                                 alloc) for name, pol in allp.items()}
+                                           for b in budgets}})
+    return rows
+
+
+def summarise(rows: list[dict], budgets=(1024, 2048)) -> dict:
+    """Per budget: mean NLL (95% interval), evidence held raw, and ``gap_closed`` of every non-reference policy."""
     out: dict = {}
     for b in budgets:
-        nll = {p: torch.tensor([r["nll"] for r in rows[b][p]]).numpy() for p in allp}
-        res: dict = {"items": len(items)}
-        for p in allp:
-            ev = torch.tensor([r["evidence_raw"] for r in rows[b][p]])
+        names = list(rows[0][b]) if rows else []
+        nll = {p: torch.tensor([r[b][p]["nll"] for r in rows]).numpy() for p in names}
+        res: dict = {"items": len(rows)}
+        for p in names:
+            ev = torch.tensor([r[b][p]["evidence_raw"] for r in rows])
             res[p] = {"nll": mean_ci(nll[p]).to_dict(), "evidence_raw": float(ev.nanmean())}
             if p not in ("recency", "oracle"):
                 res[p]["gap_closed"] = gap_recovered(nll["recency"], nll[p], nll["oracle"]).to_dict()
         out[str(b)] = res
     return out
+
+
+def far_gap(base, compressor, items: list, policies: dict, budgets=(1024, 2048), rounds: int = 4,
+            recent_raw: int = 64, tail: int = 64, alloc: AllocatorConfig | None = None) -> dict:
+    """:func:`summarise` of :func:`far_rows` (see module docstring)."""
+    return summarise(far_rows(base, compressor, items, policies, budgets, rounds, recent_raw, tail, alloc), budgets)

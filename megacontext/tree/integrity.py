@@ -93,9 +93,12 @@ def check_tree(root: str | Path, vocab_size: int | None = None) -> IntegrityRepo
             vocab = (f.header.vocab_size or (meta or {}).get("vocab_size") or vocab_size) if lv == 0 else None
             _scan_values(f, vocab, report)
         _cross_check(root, files, meta, legacy, report)
-        if files[0] is not None and (root / LEX_DIR).exists():  # the lexical index, re-derived from LOD0
+        lod0_ok = files[0] is not None and not any(files[0].path.name in p for p in report.problems)
+        if lod0_ok and (root / LEX_DIR).exists():  # the lexical index, re-derived from a sound LOD0
             problems, notes, checked = check_lexical(root, files[0].read, files[0].count)
             report.merge(IntegrityReport(root, problems, notes, checked))
+        elif (root / LEX_DIR).exists():
+            report.notes.append(f"{LEX_DIR}: not checked (LOD0 is damaged; the index is derived from it)")
     finally:
         for f in files:
             if f is not None:
