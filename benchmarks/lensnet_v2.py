@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import lzma
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
 
@@ -43,18 +45,18 @@ log = logging.getLogger("lensnet_v2")
 
 
 def _docs(path: Path) -> list[torch.Tensor]:
-    d = load_file(str(path))
+    d = load(lzma.decompress(path.read_bytes()))
     tok, off = d["tokens"].long(), d["offsets"].tolist()
     return [tok[a:b] for a, b in zip(off[:-1], off[1:], strict=True)]
 
 
 def load_data(carry: Path, held_every: int) -> tuple[tuple, tuple]:
     """((train books, train meetings), (held-out books, held-out meetings)); every held_every-th source out."""
-    books = _docs(carry / "books.safetensors")
+    books = _docs(carry / "books.safetensors.xz")
     index = json.loads((carry / "qmsum.json").read_text())
     meetings = [{"id": i, "ids": ids, "queries": [{**q, "spans": [tuple(s) for s in q["spans"]]}
                                                  for q in index[i]["queries"]]}
-                for i, ids in enumerate(_docs(carry / "qmsum.safetensors"))]
+                for i, ids in enumerate(_docs(carry / "qmsum.safetensors.xz"))]
     split = lambda xs: ([x for i, x in enumerate(xs) if i % held_every], xs[::held_every])  # noqa: E731
     (tb, hb), (tm, hm) = split(books), split(meetings)
     return (tb, tm), (hb, hm)
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--eval-only", action="store_true",
                     help="no labels, no training: recency / shipped LensNet / lexical / oracle on held-out items")
     ap.add_argument("--max-history", type=int, default=16384)
+    ap.add_argument("--export", default="", help="copy summary, metrics and the final checkpoint here (e.g. $OUT)")
+    ap.add_argument("--commit", default="", help="the code commit to record (the device copy's git may be stale)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.smoke:
@@ -99,8 +103,9 @@ def main() -> None:
     base, comp, version = load_models(BASE_MODEL, GISTNET_MODEL, args.device, "float32")
     (tb, tm), (hb, hm) = load_data(Path(args.carry), args.held_every)
     fcfg = FarConfig(max_history=4096 if args.smoke else args.max_history, phrasings=args.phrasings)
-    summary: dict = {"commit": _commit(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
-                     "cpu", "argv": vars(args), "far_config": fcfg.to_dict()}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    summary: dict = {"commit": args.commit or _commit(), "device": device, "argv": vars(args),
+                     "far_config": fcfg.to_dict()}
     budgets = (1024,) if args.smoke else (1024, 2048)
     old_net, old_meta = LensNet.load(LENSNET_MODEL, base)
     policies = {"lensnet_shipped": LensPolicy(old_net, base), "lexical": LexicalFocus()}
@@ -143,6 +148,13 @@ def _evaluate(summary, base, comp, held, policies, budgets, args, out, t0) -> No
         summary["end_to_end"][kind] = summarise([r for r in rows if r["kind"] == kind], budgets)
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.export:  # what is worth bringing back: small files only (the labels stay behind)
+        exp = Path(args.export)
+        exp.mkdir(parents=True, exist_ok=True)
+        for src in [out / "summary.json", out / "labels" / "meta.json", out / "lensnet" / "metrics.jsonl",
+                    out / "lensnet" / "final" / "model.safetensors", out / "lensnet" / "final" / "config.json"]:
+            if src.is_file():
+                shutil.copy(src, exp / (src.parent.name + "_" + src.name if src.parent != out else src.name))
     print(json.dumps({k: summary.get(k) for k in ("labels", "ranking", "seconds_total")}, indent=1))
     for kind, res in summary["end_to_end"].items():
         for b in budgets:
