@@ -67,3 +67,28 @@ def test_lexical_focus_expands_the_matching_gist(tiny_base, tmp_path):
     assert fact_block in raw_blocks.tolist()
     check_invariants(eng.wc)
     assert starts.numel() == len(eng.wc)
+
+
+def test_store_index_and_private_index_agree(tmp_path):
+    """The engine's source is the store: the policy then uses the store's persistent index (pending blocks
+    included) and must score exactly as with an index it builds itself."""
+    from megacontext.tree import MeanPoolCompressor, MegaContextTree, TreeConfig
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (20_000,), generator=g)
+    ids[3000:3004] = torch.tensor([400, 401, 402, 403])
+    query = torch.tensor([5, 400, 401, 402, 403, 7])
+    ids[-6:] = query
+    tree = MegaContextTree.create(tmp_path / "s", 8, "fp", MeanPoolCompressor(torch.randn(512, 8)), vocab_size=512,
+                                  config=TreeConfig(batch_blocks=64, commit_seconds=1e9))
+    tree.append(ids[:10_000])
+    tree.flush()
+    tree.append(ids[10_000:])  # partly pending: the index must see them through the store
+    wc = WorkingContext.assemble(ids.numel(), WorkingContextConfig(w_max=1024, recent_raw=64))
+    a, b = LexicalFocus(), LexicalFocus()
+    sa = a.scores(wc, FocusState(tree, tree.num_tokens, query, "generate"))
+    sb = b.scores(wc, FocusState(_Hist(ids), ids.numel(), query, "generate"))
+    assert tree.lexical is not None and tree.lexical.num_blocks == ids.numel() // 32
+    torch.testing.assert_close(sa, sb)
+    assert torch.equal(a.last_targets, b.last_targets) and int(a.last_targets.max()) == 3000 // 32
+    tree.close()
