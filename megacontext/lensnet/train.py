@@ -141,10 +141,14 @@ def evaluate(net: LensNet, base, labels: LabelSet, scale: float, loss_cfg: LensL
     return out
 
 
-def _lr(cfg: LensTrainConfig, step: int) -> float:
+def _lr(cfg: LensTrainConfig, step: int, elapsed: float | None = None) -> float:
+    """Warmup then cosine; with ``max_seconds`` (and ``elapsed``) the cosine follows whichever of steps or time
+    runs out first, so a time-boxed run still ends at a low learning rate."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_seconds and elapsed is not None:
+        p = max(p, elapsed / cfg.max_seconds)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
@@ -215,8 +219,9 @@ def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) ->
     bar = tqdm(range(start, cfg.steps), desc="lensnet", initial=start, total=cfg.steps, disable=not info.main)
     for step in bar:
         model.train()
+        lr = _lr(cfg, step, None if info.enabled else time.perf_counter() - t0)  # ranks must agree: steps only
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
+            g["lr"] = lr
         idx = torch.randint(len(train_set), (cfg.batch_size * info.world,), generator=gen)  # global batch
         b = train_set.collate(D.split_global_batch(idx, info.rank, info.world).tolist())
         tgt, lab = batch_targets(b, scale)
@@ -239,7 +244,7 @@ def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) ->
             # every rank joins the average; with global_mean the rank mean of each term is its global value
             terms = D.all_reduce_mean({k: v.detach() for k, v in terms.items()})
             if info.main:
-                rec = {"step": done, "lr": _lr(cfg, step), "grad_norm": float(gnorm),
+                rec = {"step": done, "lr": lr, "grad_norm": float(gnorm),
                        **{k: float(v) for k, v in terms.items()}, "seconds": round(time.perf_counter() - t0, 1)}
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
                 if evaluating:
