@@ -80,6 +80,11 @@ class BatchedLens:
 
     def __init__(self, policy):
         self.policy = policy
+        self.last_targets_batch: list[Tensor] | None = None  # per WC of the last scores_batch (lexical nets)
+
+    @property
+    def last_targets(self) -> Tensor | None:
+        return getattr(self.policy, "last_targets", None)
 
     def scores(self, wc, state: FocusState) -> Tensor:
         return self.policy.scores(wc, state)
@@ -119,7 +124,17 @@ class BatchedLens:
             tail_ids[i, t - q.shape[0]:] = q
             tail_mask[i, t - q.shape[0]:] = True
         tail = base.embed(tail_ids.to(dev)).float()  # [B, T, d]
-        out = pol.net(entries, lv.to(dev), ag.to(dev), mask.to(dev), tail, tail_mask.to(dev)).cpu()  # [B, E]
+        lex = None
+        if getattr(pol, "lexical", False):  # BM25 feature per entry; best blocks = multi-level move targets
+            from megacontext.lensnet.lexfeat import LEX_FEATURES, source_features
+
+            got = [source_features(pol._index, st.source, st.num_tokens, q, wc.levels, wc.indices)
+                   for wc, st, q in zip(wcs, states, tails, strict=True)]
+            lex = torch.zeros(b, width, LEX_FEATURES)
+            lex[row, col] = torch.cat([f for f, _ in got])
+            self.last_targets_batch = [best for _, best in got]
+            lex = lex.to(dev)
+        out = pol.net(entries, lv.to(dev), ag.to(dev), mask.to(dev), tail, tail_mask.to(dev), lexical=lex).cpu()
         return [out[i, :n] for i, n in enumerate(sizes.tolist())]
 
 
@@ -168,11 +183,15 @@ def build_wave(base, history: InMemoryHistory, sample: Sample, index: int, bound
             live = [i for i, wc in enumerate(wcs) if len(wc)]
             if batched:
                 scores = policy.scores_batch([wcs[i] for i in live], [states[i] for i in live], history)
+                targets = policy.last_targets_batch or [None] * len(live)
             else:
-                scores = [policies[i].scores(wcs[i], states[i]) for i in live]
-            for i, sc in zip(live, scores, strict=True):
+                scores, targets = [], []
+                for i in live:  # a policy's last_targets belong to its last scores() call
+                    scores.append(policies[i].scores(wcs[i], states[i]))
+                    targets.append(getattr(policies[i], "last_targets", None))
+            for i, sc, tg in zip(live, scores, targets, strict=True):
                 if sc is not None:
-                    wcs[i].refocus(sc, alloc)
+                    wcs[i].refocus(sc, alloc, targets=tg if tg is not None and tg.shape == sc.shape else None)
     jobs = []
     for (s, e), wc, st in zip(bounds, wcs, states, strict=True):
         m = wc.materialize(st.source, base.embed)

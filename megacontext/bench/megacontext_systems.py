@@ -4,10 +4,14 @@ Registered systems (all share :class:`MegaContextSystem`; only the compressor an
 - ``megacontext-recency``: trained GistNet LOD1 gists, LOD2 = mean pool of LOD1 gists (GistCompressor with
   ``level2="meanpool"``), recency tiling only (newest raw, older LOD1, oldest LOD2).
 - ``megacontext-lensnet``: the same gists + ``rounds`` LensPolicy refocus steps before each scored chunk.
+- ``megacontext``: the product default, whatever it is (today the same as ``megacontext-lensnet``: the
+  default GistNet and LensNet checkpoints); the suite reports it under this stable name, so a change of
+  default moves the row rather than renaming it. A LensNet trained with the lexical feature also passes
+  its best-matching blocks to the allocator (multi-level moves).
 - ``megacontext-lexical``: the same gists + the engine's LexicalFocus. This is a training-free *heuristic*
-  (rare n-gram overlap with the recent tokens), not a learned policy; its rows measure what a lexical
-  pointer buys, as a reference for LensNet. It searches the whole prefix for n-gram matches in every round
-  of every chunk, so it is the slowest of the four on long documents.
+  (BM25 of the recent tokens against every older block, from a lexical index of the sample built once and
+  shared by its chunks), not a learned policy; its rows measure what a lexical pointer buys, as a
+  reference for LensNet. Its best-matching blocks are passed to the allocator (multi-level moves).
 - ``meanpool-recency``: untrained mean-pooled gists (MeanPoolCompressor), recency tiling.
 - ``megacontext-rawfirst`` / ``megacontext-lensnet-rawfirst``: as ``megacontext-recency`` / ``-lensnet`` but
   the starting tiling is ``recency="raw_first"`` (:func:`~megacontext.wc.tiling.raw_first_tiling`): the
@@ -206,10 +210,11 @@ def _lensnet(base, opts, name):
 
 def _lexical(base, opts, name):
     cfg = MegaContextSystemConfig.from_dict(opts)
-    # a fresh policy per chunk: LexicalFocus caches the token history it has read
+    # one policy per wave: its lexical index belongs to the sample's history and every query is limited to
+    # the chunk's prefix, so chunks share it safely (a fresh one per chunk would re-index the prefix each time)
     return MegaContextSystem(name, base, _gist_compressor(base, cfg), LexicalFocus, cfg,
-                             {"gists": "gistnet+l2meanpool", "focus": "lexical n-gram heuristic (not learned)"},
-                             fresh_policy=True)
+                             {"gists": "gistnet+l2meanpool", "focus": "lexical BM25 heuristic (not learned)"},
+                             fresh_policy=False)
 
 
 def _meanpool(base, opts, name):
@@ -231,6 +236,7 @@ def _register(name: str, factory, **fixed) -> None:
     register_system(name, lambda base, opts: factory(base, {**opts, **fixed}, name))
 
 
+_register("megacontext", _lensnet)  # the product default: keep in step with the defaults of EngineConfig/demo
 _register("megacontext-recency", _recency)
 _register("megacontext-rawfirst", _recency, recency="raw_first")
 _register("megacontext-lensnet", _lensnet)

@@ -6,6 +6,11 @@ exactly the features LensNet was trained on (see :mod:`megacontext.lensnet.views
 LOD0 block's mean token embedding rescaled to the base's mean embedding norm; ages from the entry centre
 to the end of the history) and a tail of the most recent ``tail_tokens`` tokens — or the prompt/query
 when the state carries one, so a question steers the focus.
+
+A LensNet trained with the lexical feature (``cfg.lexical_features``) also gets each entry's BM25 match
+against that tail from the history's lexical index (:mod:`megacontext.lensnet.lexfeat`); the policy then
+exposes the best-matching block under each entry as ``last_targets`` [E] (-1 = none), which the allocator
+uses for multi-level moves when the caller passes it on (``wc.refocus(scores, cfg, targets=...)``).
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from torch import Tensor
 
 from megacontext.core.lod import BLOCK, centre_tensor
 from megacontext.focus.policy import FocusState
+from megacontext.lensnet.lexfeat import source_features
 from megacontext.lensnet.model import LensNet
 from megacontext.tree.history import gather_by_runs
+from megacontext.tree.lexical_source import SourceIndex
 
 
 def entry_vectors_from_source(base, source, levels: Tensor, indices: Tensor) -> Tensor:
@@ -47,6 +54,9 @@ class LensPolicy:
         self.net, self.base = net.eval(), base
         self.tail_tokens = tail_tokens or net.cfg.tail_tokens
         self.query_tokens = self.tail_tokens  # the engine's streaming query is exactly the tail LensNet reads
+        self.lexical = bool(net.cfg.lexical_features)
+        self._index = SourceIndex()  # lexical index of sources that keep none (a store keeps its own)
+        self.last_targets: Tensor | None = None  # best-matching block per entry of the last call (lexical nets)
 
     @classmethod
     def load(cls, directory, base) -> LensPolicy:
@@ -60,9 +70,15 @@ class LensPolicy:
         ages = (num_tokens - centre_tensor(levels, indices)).float()
         if query is None or query.numel() == 0:
             query = source.tokens(max(num_tokens - self.tail_tokens, 0), num_tokens)
-        tail = self.base.embed(query[-self.tail_tokens:].to(self.base.device)).float()  # [T, d]
+        query = query[-self.tail_tokens:]
+        tail = self.base.embed(query.to(self.base.device)).float()  # [T, d]
         mask = torch.ones(1, levels.shape[0], dtype=torch.bool, device=vec.device)
-        return self.net(vec[None], levels[None], ages[None], mask, tail[None])[0].to(levels.device)  # [E]
+        lex = None
+        if self.lexical:
+            lex, best = source_features(self._index, source, num_tokens, query.cpu(), levels, indices)  # [E, 3]
+            self.last_targets = best.to(levels.device)
+            lex = lex[None]
+        return self.net(vec[None], levels[None], ages[None], mask, tail[None], lexical=lex)[0].to(levels.device)
 
     def scores(self, wc, state: FocusState) -> Tensor:
         """FocusPolicy protocol; an empty ``state.query`` means "the most recent ``tail_tokens`` tokens"."""

@@ -10,7 +10,8 @@ Throughput: all variants of one kind have the same length (see :mod:`megacontext
 go through the base model ``batch_size`` at a time with no padding; labels/s is logged and returned.
 
 Cache layout (``out_dir``): ``meta.json`` (config, base fingerprint, compressor version, seed) and shards
-``shard_NNNNN.safetensors``, each holding ``shard_size`` contexts as flat entry tensors plus ``offsets``.
+``shard_NNNNN.safetensors``, each holding ``shard_size`` contexts as flat entry tensors plus ``offsets``
+(entry tensors include ``lexical [E, 3]``, LensNet's BM25 feature; caches made before it load with zeros).
 Shard ``k`` is generated from ``seed + k`` alone, so an interrupted run resumes by skipping finished shards
 and reproduces the same labels; a cache made with another config or base model is refused.
 """
@@ -30,8 +31,10 @@ from tqdm import tqdm
 
 from megacontext.core.config import Config, check
 from megacontext.core.lod import BLOCK
+from megacontext.lensnet.lexfeat import LEX_FEATURES, source_features
 from megacontext.lensnet.views import (
     DOC_LEVELS,
+    DocSource,
     DocView,
     actionable,
     collapse_variants,
@@ -39,6 +42,7 @@ from megacontext.lensnet.views import (
     expand_variants,
     sample_tiling,
 )
+from megacontext.tree.lexical_source import SourceIndex
 from megacontext.wc import EntryState, min_cost
 
 log = logging.getLogger(__name__)
@@ -118,7 +122,21 @@ def _pick(mask: Tensor, k: int, gen: torch.Generator) -> Tensor:
     return r.argsort()[:k].sort().values
 
 
-def label_context(base, view: DocView, t: int, w_max: int, cfg: LabelConfig, gen: torch.Generator) -> dict:
+def context_record(base, view: DocView, state: EntryState, t: int, tail_tokens: int, lex: SourceIndex | None = None
+                   ) -> dict:
+    """The inputs LensNet reads for the tiling ``state`` of ``[0, t)`` (tensors on CPU): entry vectors, levels,
+    indices, ages, the tail ids (left-padded with -1) and the lexical feature of every entry against that tail
+    (:mod:`megacontext.lensnet.lexfeat`; ``lex`` caches the document's index between contexts)."""
+    tail = view.ids[max(t - tail_tokens, 0):t]
+    tail = torch.nn.functional.pad(tail, (tail_tokens - tail.shape[0], 0), value=-1)  # -1 = no token
+    feats, _ = source_features(lex or SourceIndex(), DocSource(view, t), t, tail.cpu(), state.levels, state.indices)
+    return {"entries": view.entry_vectors(base, state.levels, state.indices).half().cpu(),
+            "levels": state.levels.cpu(), "indices": state.indices.cpu(),
+            "ages": entry_ages(state.levels, state.indices, t).cpu(), "tail": tail.cpu(), "lexical": feats.half()}
+
+
+def label_context(base, view: DocView, t: int, w_max: int, cfg: LabelConfig, gen: torch.Generator,
+                  lex: SourceIndex | None = None) -> dict:
     """Sample one tiling at (t, w_max) and label it. Returns the context record (tensors on CPU)."""
     n_exp = int(torch.randint(0, cfg.perturb + 1, (1,), generator=gen))
     n_col = int(torch.randint(0, cfg.perturb + 1, (1,), generator=gen))
@@ -128,22 +146,19 @@ def label_context(base, view: DocView, t: int, w_max: int, cfg: LabelConfig, gen
     e_idx = _pick(exp_m, cfg.max_labels - n_c, gen)
     c_idx = _pick(col_m, n_c, gen)
     gain, loss, nll0 = counterfactual_utilities(base, view, state, t, cfg.horizon, e_idx, c_idx, cfg.batch_size)
-    tail = view.ids[max(t - cfg.tail_tokens, 0):t]
-    tail = torch.nn.functional.pad(tail, (cfg.tail_tokens - tail.shape[0], 0), value=-1)  # -1 = no token
     return {
-        "entries": view.entry_vectors(base, state.levels, state.indices).half().cpu(),
-        "levels": state.levels.cpu(), "indices": state.indices.cpu(),
-        "ages": entry_ages(state.levels, state.indices, t).cpu(),
+        **context_record(base, view, state, t, cfg.tail_tokens, lex),
         "expandable": exp_m.cpu(), "collapsible": col_m.cpu(),
         "gain": gain.float().cpu(), "loss": loss.float().cpu(),
-        "tail": tail.cpu(), "nll": float(nll0), "t": t, "w_max": w_max,
-        "n_labels": int(e_idx.numel() + c_idx.numel()),
+        "nll": float(nll0), "t": t, "w_max": w_max, "n_labels": int(e_idx.numel() + c_idx.numel()),
     }
 
 
-def _save_shard(path: Path, records: list[dict], doc_ids: list[int]) -> None:
-    flat = {k: torch.cat([r[k] for r in records]).contiguous()
-            for k in ("entries", "levels", "indices", "ages", "expandable", "collapsible", "gain", "loss")}
+ENTRY_KEYS = ("entries", "levels", "indices", "ages", "expandable", "collapsible", "gain", "loss", "lexical")
+
+
+def save_shard(path: Path, records: list[dict], doc_ids: list[int]) -> None:
+    flat = {k: torch.cat([r[k] for r in records]).contiguous() for k in ENTRY_KEYS}
     sizes = torch.tensor([r["levels"].shape[0] for r in records])
     flat["offsets"] = torch.nn.functional.pad(torch.cumsum(sizes, 0), (1, 0))
     flat["tail"] = torch.stack([r["tail"] for r in records])
@@ -183,6 +198,7 @@ def generate_labels(base, compressor, docs: list[Tensor], cfg: LabelConfig, out_
                       "compressor": compressor_version, "docs": doc_names or [str(i) for i in range(len(docs))]})
     n_shards = -(-cfg.contexts // cfg.shard_size)
     views: dict[int, DocView] = {}
+    lex: dict[int, SourceIndex] = {}  # per document: its lexical index, grown to the longest prefix labelled
     made_labels, made_ctx, seconds = 0, 0, 0.0
     bar = tqdm(total=cfg.contexts, desc="labels", unit="ctx")
     for k in range(n_shards):
@@ -207,7 +223,7 @@ def generate_labels(base, compressor, docs: list[Tensor], cfg: LabelConfig, out_
             while min_cost(t, cfg.recent_raw, DOC_LEVELS) > w_max and t > BLOCK:
                 t //= 2
                 t -= t % BLOCK
-            rec = label_context(base, view, t, w_max, cfg, gen)
+            rec = label_context(base, view, t, w_max, cfg, gen, lex.setdefault(d, SourceIndex()))
             records.append(rec)
             doc_ids.append(d)
             made_labels += rec["n_labels"]
@@ -216,7 +232,7 @@ def generate_labels(base, compressor, docs: list[Tensor], cfg: LabelConfig, out_
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
         made_ctx += len(records)
-        _save_shard(path, records, doc_ids)
+        save_shard(path, records, doc_ids)
     bar.close()
     stats = {"contexts": made_ctx, "labels": made_labels, "seconds": round(seconds, 2),
              "labels_per_s": round(made_labels / seconds, 1) if seconds > 0 else None}
@@ -233,8 +249,9 @@ class LabelSet:
             off = s["offsets"].tolist()
             for i in range(len(off) - 1):
                 a, b = off[i], off[i + 1]
-                rec = {k: s[k][a:b] for k in ("entries", "levels", "indices", "ages", "expandable",
-                                                 "collapsible", "gain", "loss")}
+                rec = {k: s[k][a:b] for k in ENTRY_KEYS if k in s}
+                if "lexical" not in rec:  # a cache made before the lexical feature: "no match" everywhere
+                    rec["lexical"] = torch.zeros(b - a, LEX_FEATURES, dtype=torch.float16)
                 rec.update(tail=s["tail"][i], nll=s["nll"][i], t=s["t"][i], w_max=s["w_max"][i], doc=s["doc"][i])
                 self.ctx.append(rec)
 
@@ -268,11 +285,11 @@ class LabelSet:
         e = max(r["levels"].shape[0] for r in recs)
         out = {}
         fills = {"entries": 0.0, "levels": 0, "indices": 0, "ages": 0.0, "expandable": False, "collapsible": False,
-                 "gain": float("nan"), "loss": float("nan")}
+                 "gain": float("nan"), "loss": float("nan"), "lexical": 0.0}
         for k, fill in fills.items():
-            out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, 0, 0, e - r[k].shape[0]) if k == "entries"
+            out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, 0, 0, e - r[k].shape[0]) if r[k].dim() == 2
                                                           else (0, e - r[k].shape[0]), value=fill) for r in recs])
-        out["entries"] = out["entries"].float()
+        out["entries"], out["lexical"] = out["entries"].float(), out["lexical"].float()
         out["mask"] = torch.stack([torch.arange(e) < r["levels"].shape[0] for r in recs])
         out["tail"] = torch.stack([r["tail"] for r in recs])
         return out

@@ -6,7 +6,10 @@ Inputs (one batch of working contexts, padded to the longest):
 - ``levels [B, E]`` (0, 1, 2) and ``ages [B, E]`` (tokens from the entry's centre to the end of the
   history, >= 0), ``entry_mask [B, E]`` (False on padding);
 - ``tail [B, T, d]`` with ``tail_mask [B, T]``: embeddings of the most recent tokens, standing for "what
-  the base model is reading now" (the query of a QMSum question lands here).
+  the base model is reading now" (the query of a QMSum question lands here);
+- optionally ``lexical [B, E, 3]`` (config ``lexical_features = 3``): each entry's BM25 match against the
+  tail (:mod:`megacontext.lensnet.lexfeat`), projected and added to the entry's input. Checkpoints made
+  without it have ``lexical_features = 0`` (the field's default), build no projection and load as before.
 
 Output: ``scores [B, E]`` float32, signed: positive asks for more detail (expand), negative offers the
 entry's detail up (collapse); padding scores are exactly 0.
@@ -58,6 +61,7 @@ class LensNetConfig(Config):
     age_features: int = 8  # sinusoidal frequencies of log(1 + age)
     tail_tokens: int = 64  # most recent tokens the tail holds
     dropout: float = 0.0
+    lexical_features: int = 0  # 0 = off; 3 = the BM25 feature of megacontext.lensnet.lexfeat per entry
 
     def __post_init__(self):
         check(self.layers >= 1, f"layers={self.layers} must be >= 1")
@@ -67,6 +71,7 @@ class LensNetConfig(Config):
         check(self.age_features >= 1, f"age_features={self.age_features} must be >= 1")
         check(self.tail_tokens >= 1, f"tail_tokens={self.tail_tokens} must be >= 1")
         check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must lie in [0, 1)")
+        check(self.lexical_features in (0, 3), f"lexical_features={self.lexical_features}; expected 0 (off) or 3")
 
     def width(self, d_model: int) -> int:
         return max(self.heads, int(round(self.width_mult * d_model / self.heads)) * self.heads)
@@ -137,6 +142,7 @@ class LensNet(nn.Module):
         self.tail_in = nn.Linear(d_model, width)
         self.level_embed = nn.Embedding(NET_LEVELS + 1, width)  # LOD0..2; coarser levels read as LOD2
         self.entry_age = nn.Linear(n_age, width)
+        self.lex_in = nn.Linear(cfg.lexical_features, width) if cfg.lexical_features else None
         self.tail_age = nn.Linear(n_age, width)
         self.layers = nn.ModuleList(_DualLayer(width, cfg.heads, hidden, cfg.dropout) for _ in range(cfg.layers))
         self.head_norm = nn.RMSNorm(width)
@@ -156,7 +162,7 @@ class LensNet(nn.Module):
         return [*last.n_mlp_t.parameters(), *last.mlp_t.parameters()]
 
     def forward(self, entries: Tensor, levels: Tensor, ages: Tensor, entry_mask: Tensor, tail: Tensor,
-                tail_mask: Tensor | None = None) -> Tensor:
+                tail_mask: Tensor | None = None, lexical: Tensor | None = None) -> Tensor:
         if entries.dim() != 3 or entries.shape[-1] != self.d_model:
             raise ValueError(f"entries must be [B, E, {self.d_model}], got {tuple(entries.shape)}")
         if tail.dim() != 3 or tail.shape[-1] != self.d_model or tail.shape[0] != entries.shape[0]:
@@ -176,6 +182,11 @@ class LensNet(nn.Module):
         tail_ages = (t - 1 - torch.arange(t, device=dev)).expand(b, t)  # [B, T]
         e = (self.entry_in(self.in_norm(entries)) + self.level_embed(levels.clamp(0, NET_LEVELS))
              + self.entry_age(age_encoding(ages, self.cfg.age_features).to(dt)))  # [B, E, w]
+        if self.lex_in is not None:  # absent features (e.g. a source without an index) read as "no match"
+            lex = lexical if lexical is not None else entries.new_zeros(*entries.shape[:2], self.cfg.lexical_features)
+            if lex.shape != (*entries.shape[:2], self.cfg.lexical_features):
+                raise ValueError(f"lexical must be [B, E, {self.cfg.lexical_features}], got {tuple(lex.shape)}")
+            e = e + self.lex_in(lex.to(dev, dt))  # [B, E, w]
         h = self.tail_in(self.in_norm(tail)) + self.tail_age(age_encoding(tail_ages, self.cfg.age_features).to(dt))
         for layer in self.layers:
             e, h = layer(e, h, entry_mask, tail_mask)

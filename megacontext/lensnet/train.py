@@ -55,6 +55,7 @@ class LensTrainConfig(Config):
     eval_every: int = 250
     save_every: int = 500
     seed: int = 0
+    max_seconds: float = 0.0  # > 0: stop (evaluate, save final) once training took this long; single process only
     model: LensNetConfig = field(default_factory=LensNetConfig)
     loss: LensLossConfig = field(default_factory=LensLossConfig)
 
@@ -65,6 +66,7 @@ class LensTrainConfig(Config):
         check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         check(self.warmup >= 0, f"warmup={self.warmup} must be >= 0")
         check(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must lie in [0, 1)")
+        check(self.max_seconds >= 0, f"max_seconds={self.max_seconds} must be >= 0")
         check(self.eval_every >= 1 and self.save_every >= 1,
               f"eval_every={self.eval_every} and save_every={self.save_every} must be >= 1")
 
@@ -96,8 +98,9 @@ def run_net(net: LensNet, base, batch: dict, model: torch.nn.Module | None = Non
     """Scores [B, E] of a collated batch; ``model`` (e.g. the DDP wrapper of ``net``) runs the forward."""
     dev = base.device
     tail, tmask = tail_inputs(base, batch["tail"][:, -net.cfg.tail_tokens:].to(dev))
+    lex = batch["lexical"].to(dev) if net.cfg.lexical_features and "lexical" in batch else None
     return (model or net)(batch["entries"].to(dev), batch["levels"].to(dev), batch["ages"].to(dev),
-                          batch["mask"].to(dev), tail, tmask.to(dev))
+                          batch["mask"].to(dev), tail, tmask.to(dev), lexical=lex)
 
 
 def spearman_per_context(scores: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
@@ -138,10 +141,14 @@ def evaluate(net: LensNet, base, labels: LabelSet, scale: float, loss_cfg: LensL
     return out
 
 
-def _lr(cfg: LensTrainConfig, step: int) -> float:
+def _lr(cfg: LensTrainConfig, step: int, elapsed: float | None = None) -> float:
+    """Warmup then cosine; with ``max_seconds`` (and ``elapsed``) the cosine follows whichever of steps or time
+    runs out first, so a time-boxed run still ends at a low learning rate."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_seconds and elapsed is not None:
+        p = max(p, elapsed / cfg.max_seconds)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
@@ -212,8 +219,9 @@ def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) ->
     bar = tqdm(range(start, cfg.steps), desc="lensnet", initial=start, total=cfg.steps, disable=not info.main)
     for step in bar:
         model.train()
+        lr = _lr(cfg, step, None if info.enabled else time.perf_counter() - t0)  # ranks must agree: steps only
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
+            g["lr"] = lr
         idx = torch.randint(len(train_set), (cfg.batch_size * info.world,), generator=gen)  # global batch
         b = train_set.collate(D.split_global_batch(idx, info.rank, info.world).tolist())
         tgt, lab = batch_targets(b, scale)
@@ -226,13 +234,17 @@ def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) ->
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)  # grads already rank-averaged
         opt.step()
         done = step + 1
+        if cfg.max_seconds and not info.enabled and time.perf_counter() - t0 > cfg.max_seconds:
+            bar.close()
+            log.info("max_seconds=%s reached at step %d of %d", cfg.max_seconds, done, cfg.steps)
+            cfg = cfg.replace(steps=done)  # this step is the last: evaluate and save as at the end
         evaluating = done % cfg.eval_every == 0 or done == cfg.steps
         saving = done % cfg.save_every == 0 or done == cfg.steps
         if done % 10 == 0 or done == cfg.steps:
             # every rank joins the average; with global_mean the rank mean of each term is its global value
             terms = D.all_reduce_mean({k: v.detach() for k, v in terms.items()})
             if info.main:
-                rec = {"step": done, "lr": _lr(cfg, step), "grad_norm": float(gnorm),
+                rec = {"step": done, "lr": lr, "grad_norm": float(gnorm),
                        **{k: float(v) for k, v in terms.items()}, "seconds": round(time.perf_counter() - t0, 1)}
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
                 if evaluating:
@@ -246,6 +258,8 @@ def train_lensnet(base, cfg: LensTrainConfig, info: D.DistInfo | None = None) ->
             _save(last, net, opt, base, cfg, done, scale, metrics)
         if info.enabled and (saving or evaluating):
             D.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+        if done == cfg.steps:
+            break
     if not info.main:
         D.barrier()  # pairs with rank 0's barrier after the final checkpoint below
         return {"target_scale": scale}

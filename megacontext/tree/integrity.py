@@ -1,6 +1,6 @@
 """The full check of a tree (``megacontext fsck`` reads the tree part from here): every chunk of every level file
 against its checksum, every LOD0 id against the vocabulary, every gist for non-finite values, and the files
-against each other and ``meta.json``.
+against each other and ``meta.json``; the lexical index (``lex/``), if present, against its CRCs and LOD0.
 
 Opening a store verifies only what it must before anything is read (headers, the last chunks, the
 cross-file counts), and reads verify the chunks they touch (:mod:`megacontext.tree.level_file`); this check
@@ -22,6 +22,7 @@ from megacontext.core.lod import MAX_LEVEL
 from megacontext.tree.format import TreeFormatError
 from megacontext.tree.layout import BASE_LEVELS, META, existing_levels, level_name, needed_rows, read_meta
 from megacontext.tree.level_file import LevelFile, sum_path
+from megacontext.tree.lexical_store import LEX_DIR, check_lexical
 
 
 @dataclass
@@ -92,6 +93,12 @@ def check_tree(root: str | Path, vocab_size: int | None = None) -> IntegrityRepo
             vocab = (f.header.vocab_size or (meta or {}).get("vocab_size") or vocab_size) if lv == 0 else None
             _scan_values(f, vocab, report)
         _cross_check(root, files, meta, legacy, report)
+        lod0_ok = files[0] is not None and not any(files[0].path.name in p for p in report.problems)
+        if lod0_ok and (root / LEX_DIR).exists():  # the lexical index, re-derived from a sound LOD0
+            problems, notes, checked = check_lexical(root, files[0].read, files[0].count)
+            report.merge(IntegrityReport(root, problems, notes, checked))
+        elif (root / LEX_DIR).exists():
+            report.notes.append(f"{LEX_DIR}: not checked (LOD0 is damaged; the index is derived from it)")
     finally:
         for f in files:
             if f is not None:

@@ -2,9 +2,10 @@
 
 Layout of a store directory: ``LOD0.ctx`` (32 int32 token ids per row), ``LOD1.ctx`` (one gist per block),
 ``LOD2.ctx`` (one gist per 32 LOD1 gists), ``LOD3.ctx`` ... (created as the history reaches them), a
-``LODk.sum`` of chunk checksums beside each, ``meta.json`` (summary + the partial tail) and ``LOCK``. See
-:mod:`megacontext.tree.format` for the level-file layout, :mod:`megacontext.tree.checksum` for the checksums
-and :mod:`megacontext.tree.layout` for the directory, ``meta.json`` and the cross-file checks made on open.
+``LODk.sum`` of chunk checksums beside each, ``meta.json`` (summary + the partial tail), ``LOCK`` and ``lex/``
+(the lexical index, :mod:`megacontext.tree.lexical_store`: derived from LOD0, persisted by :meth:`flush` after
+LOD0, rebuilt if lost). See :mod:`megacontext.tree.format` for the level-file layout,
+:mod:`megacontext.tree.checksum` for the checksums and :mod:`megacontext.tree.layout` for the directory.
 
 Invariants
 - Committed state: ``LOD1.count == LOD0.count`` and ``LOD``l``.count == LOD0.count // 32 ** (l - 1)``; every
@@ -59,6 +60,7 @@ from megacontext.tree.history import (
 )
 from megacontext.tree.layout import existing_levels, level_name, unlock, write_meta
 from megacontext.tree.level_file import LevelFile, sum_path
+from megacontext.tree.lexical_store import StoredLexicalIndex, open_lexical
 from megacontext.tree.opening import create_files, open_files
 from megacontext.tree.rebuild import build_levels, install
 
@@ -76,6 +78,7 @@ class TreeConfig(Config):
     commit_tokens: int = 262_144  # appends flush (commit durably) at least every this many tokens...
     commit_seconds: float = 2.0  # ...and once this many seconds have passed since the last flush (on append)
     checksum_rows: int = 256  # used by create(): rows per checksum chunk of each level file
+    lexical: bool = True  # keep the lexical index (lex/, see megacontext.tree.lexical_store) beside the levels
 
     def __post_init__(self):
         check(self.gist_dtype in GIST_DTYPES, f"gist_dtype={self.gist_dtype!r}; expected one of {GIST_DTYPES}")
@@ -101,8 +104,8 @@ class MegaContextTree:
         self._last_flush = time.monotonic()
         self._meta_written: tuple | None = None  # (blocks, tail) the last meta.json describes
         self.recovery: list[str] = []  # what opening discarded or repaired (uncommitted rows, a stale tail, ...)
+        self.lexical: StoredLexicalIndex | None = None  # BM25 index of the blocks (config.lexical)
 
-    # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: str | Path, d_model: int, fingerprint: str, compressor: Compressor,
                gist_dtype: str | None = None, config: TreeConfig | None = None,
@@ -117,6 +120,7 @@ class MegaContextTree:
         tree = cls(root, files, compressor, config, np.zeros(0, np.int32), lock_fd)
         try:
             tree._write_meta()  # last: a directory without meta.json is not a store
+            tree.lexical = open_lexical(tree) if config.lexical else None
         except BaseException:
             tree.abort()
             raise
@@ -151,6 +155,7 @@ class MegaContextTree:
                 tree.recovery.append(f"added LOD{o.missing[0]}..LOD{len(tree._files) - 1} to a store made before "
                                      "levels above LOD2")
                 log.info("%s: %s", root, tree.recovery[-1])
+            tree.lexical = open_lexical(tree) if config.lexical else None
         except BaseException:
             tree.abort()
             raise
@@ -167,9 +172,8 @@ class MegaContextTree:
         del self._files[1:]
         self._rebuild_files(fingerprint, gist_dtype)
 
-    def _checksum_rows(self) -> int:
+    def _checksum_rows(self) -> int:  # chunk size recorded at creation (older stores: the config's)
         return self._files[0].header.checksum_rows or self.config.checksum_rows
-
     def _build(self, first_level: int, fingerprint: str, gist_dtype: str) -> None:
         """Build gist levels ``first_level``.. from the open level below them and install them (see
         :mod:`megacontext.tree.rebuild`)."""
@@ -195,7 +199,6 @@ class MegaContextTree:
         log.info("rebuilt the gists of %s (%s) with %s", self.root,
                  ", ".join(f"LOD{lv}: {f.count}" for lv, f in enumerate(self._files) if lv), c.version)
 
-    # ------------------------------------------------------------------ writing
     @property
     def writable(self) -> bool:
         return bool(self._files) and self._files[0].writable
@@ -207,9 +210,7 @@ class MegaContextTree:
             raise CommitFailedError(f"store {self.root}: an earlier commit failed ({self._failed}); close and reopen "
                                     "it (everything committed before that commit is intact)")
 
-    @property
-    def vocab_size(self) -> int | None:
-        return self._files[0].header.vocab_size or None
+    vocab_size = property(lambda self: self._files[0].header.vocab_size or None, doc="ids must lie below this")
 
     def append(self, token_ids) -> None:
         """Append token ids (any int tensor/array/list in ``[0, vocab_size)``; anything else is refused with
@@ -238,6 +239,8 @@ class MegaContextTree:
         state = (self._files[0].count, tuple(self._tail.tolist()))
         if state != self._meta_written:
             self._write_meta()
+        if self.lexical is not None:  # after LOD0 and meta.json are durable: the index never runs ahead
+            self.lexical.sync(self, persist=True)
         self._unflushed, self._last_flush = 0, time.monotonic()
 
     @property

@@ -289,10 +289,13 @@ class WorkingContext:
         self._swap(apply_actions(self.state, torch.zeros_like(mask), mask, self.step, num_out=shrunk))
 
     # ------------------------------------------------------------------ focus
-    def refocus(self, scores: Tensor, allocator_cfg: AllocatorConfig | None = None) -> StepTelemetry:
-        """One allocator step from LensNet scores [E] (positive = expand); advances the step counter."""
+    def refocus(self, scores: Tensor, allocator_cfg: AllocatorConfig | None = None,
+                targets: Tensor | None = None) -> StepTelemetry:
+        """One allocator step from LensNet scores [E] (positive = expand); advances the step counter.
+        ``targets`` [E] (optional): target blocks of multi-level moves (:mod:`megacontext.wc.allocator`)."""
         new, tel = allocate(scores, self.state, w_max=self.cfg.w_max, tail_cost=self.tail_len,
-                            protected_from=self.protected_from, step=self.step, cfg=allocator_cfg or AllocatorConfig())
+                            protected_from=self.protected_from, step=self.step, cfg=allocator_cfg or AllocatorConfig(),
+                            targets=targets)
         self._swap(new)
         self.step += 1
         return tel

@@ -20,16 +20,18 @@ def history(tiny_base):
     return InMemoryHistory(torch.randint(0, 128, (1500,), generator=g), MeanPoolCompressor.from_base(tiny_base))
 
 
-def _lens(tiny_base):
+def _lens(tiny_base, lexical: int = 0):
     torch.manual_seed(0)
-    net = LensNet(LensNetConfig(layers=1, tail_tokens=8), tiny_base.d_model)
+    net = LensNet(LensNetConfig(layers=1, tail_tokens=8, lexical_features=lexical), tiny_base.d_model)
     torch.nn.init.normal_(net.head_out.weight, std=0.5)  # untrained heads score 0: make the scores differ
     return LensPolicy(net, tiny_base)
 
 
-def test_batched_lens_equals_one_call_per_working_context(tiny_base, history):
-    """Padding (entries on the right, short tails on the left) must not change any entry's score."""
-    policy = _lens(tiny_base)
+@pytest.mark.parametrize("lexical", [0, 3])
+def test_batched_lens_equals_one_call_per_working_context(tiny_base, history, lexical):
+    """Padding (entries on the right, short tails on the left) must not change any entry's score; a net with
+    the lexical feature gets the same features (and multi-level targets) batched as one call at a time."""
+    policy = _lens(tiny_base, lexical)
     wcs, states = [], []
     for n, w_max in ((5, 160), (200, 160), (700, 160), (1400, 300)):  # 0..many entries, short and full tails
         wc = WorkingContext(WorkingContextConfig(w_max=w_max, recent_raw=64))
@@ -38,11 +40,14 @@ def test_batched_lens_equals_one_call_per_working_context(tiny_base, history):
             wcs.append(wc)
             states.append(FocusState(PrefixHistory(history, n), n, history.tokens(max(n - 8, 0), n), "generate"))
     assert len({len(wc) for wc in wcs}) == len(wcs) >= 3
-    got = BatchedLens(policy).scores_batch(wcs, states, history)
-    for wc, st, g in zip(wcs, states, got, strict=True):
+    batched = BatchedLens(policy)
+    got = batched.scores_batch(wcs, states, history)
+    for i, (wc, st, g) in enumerate(zip(wcs, states, got, strict=True)):
         want = policy.scores(wc, st)
         assert g.shape == want.shape and want.abs().max() > 1e-3
         torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+        if lexical:
+            assert torch.equal(batched.last_targets_batch[i], policy.last_targets)
     with pytest.raises(ValueError, match="no entries"):
         BatchedLens(policy).scores_batch([WorkingContext(WorkingContextConfig(w_max=160, recent_raw=64))],
                                          [states[0]], history)

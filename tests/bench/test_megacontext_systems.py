@@ -19,7 +19,7 @@ from megacontext.runtime.engine import Engine, EngineConfig
 from megacontext.tree import MeanPoolCompressor
 from megacontext.wc.working_context import WorkingContextConfig
 
-NAMES = ("megacontext-recency", "megacontext-lensnet", "megacontext-lexical", "meanpool-recency",
+NAMES = ("megacontext", "megacontext-recency", "megacontext-lensnet", "megacontext-lexical", "meanpool-recency",
          "megacontext-rawfirst", "megacontext-lensnet-rawfirst")
 
 
@@ -97,6 +97,8 @@ def test_policy_refocuses_before_every_chunk(tiny_base, samples):
 def test_lensnet_system_runs_its_policy(tiny_base, checkpoints, samples):
     lens = build_system("megacontext-lensnet", tiny_base, {**checkpoints, "recent_raw": 64})
     assert lens.make_policy().name == "lensnet" and lens.describe()["focus"] == "lensnet"
+    product = build_system("megacontext", tiny_base, {**checkpoints, "recent_raw": 64})  # the product default
+    assert product.name == "megacontext" and product.describe()["focus"] == "lensnet"
 
 
 def test_missing_checkpoint_is_unavailable(tiny_base, tmp_path):
