@@ -310,7 +310,8 @@ class Engine:
             scores = self.policy.scores(self.wc, FocusState(self.view, n, query, phase))
         if scores is not None and len(self.wc):
             with self.timer.stage("allocate"):
-                tel = self.wc.refocus(scores, self.cfg.allocator)
+                # a policy that knows each entry's best block (lexical, LensNet) enables multi-level moves
+                tel = self.wc.refocus(scores, self.cfg.allocator, targets=getattr(self.policy, "last_targets", None))
                 self._pending_actions[0] += int(tel.n_expand)
                 self._pending_actions[1] += int(tel.n_collapse)
             if self.cfg.debug:
