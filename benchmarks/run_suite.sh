@@ -9,7 +9,7 @@
 #                                           # in one invocation (one report), chunk = K = 32 for every system so all
 #                                           # read the same budget; reduced sizes (8 per distance, 8 meetings) so it
 #                                           # stays well under 10 min (estimate ~4 min on one H100). Needs
-#                                           # the embedded gistnet-19m-v2 and lensnet-19m-v2 (shipped in the package).
+#                                           # the embedded gistnet-19m-v2 and lensnet-19m-v2-lex (shipped in the package).
 #     bash benchmarks/run_suite.sh ppl_mc   # books_ppl + code_ppl: MegaContext systems + full/truncation/sinks/bm25
 #                                           # in one invocation, chunk 128 for every system (estimate below)
 #     bash benchmarks/run_suite.sh lingua_small  # far_recall + passkey: llmlingua at few probes, with matched

@@ -47,6 +47,7 @@ from megacontext.runtime.components import (
     make_compressor,
     make_focus,
     positions_for,
+    resolve_focus,
     resolve_gistnet,
 )
 from megacontext.runtime.components import recorded_path as _rec
@@ -102,7 +103,7 @@ class MegaContext:
         root = Path(store)
         check_new_store_path(root)
         fb = load_base(base, device, dtype)
-        cfg = positions_for(config or EngineConfig(), fb)
+        cfg, lensnet = resolve_focus(positions_for(config or EngineConfig(), fb), fb, lensnet)
         gistnet = resolve_gistnet(fb, gistnet)
         policy = make_focus(cfg, fb, lensnet)
         comp = make_compressor(fb, gistnet, gistnet_lod2)
@@ -159,7 +160,7 @@ class MegaContext:
                              f"config.wc={cfg.wc.to_dict()} differs (create a new store to change the budget)")
         gistnet = gistnet or meta.get("gistnet")
         lod2 = meta.get("gistnet_lod2") if gistnet == meta.get("gistnet") else None
-        lensnet = lensnet or meta.get("lensnet")
+        cfg, lensnet = resolve_focus(cfg, fb, lensnet or meta.get("lensnet"))
         comp = make_compressor(fb, gistnet, lod2)
         policy = make_focus(cfg, fb, lensnet)
         tcfg = tree or TreeConfig(durable=durable)

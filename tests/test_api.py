@@ -62,6 +62,23 @@ def test_auto_gistnet_only_for_its_own_base(tiny_base):
     assert resolve_gistnet(tiny_base, None) is None and resolve_gistnet(tiny_base, "x") == "x"
 
 
+def test_auto_focus_is_lensnet_only_for_its_own_base(tiny_base, tmp_path):
+    from megacontext.api import resolve_focus
+    from megacontext.core.assets import BASE_MODEL, LENSNET_MODEL, PACKAGED
+
+    cfg, lens = resolve_focus(EngineConfig(), tiny_base, None)  # the embedded LensNet fits another base
+    assert (cfg.focus, lens) == ("lexical", None)
+    cfg, lens = resolve_focus(EngineConfig(focus="recency"), tiny_base, None)
+    assert (cfg.focus, lens) == ("recency", None)  # an explicit choice is kept
+    with MegaContext.create(tmp_path / "m", tiny_base, durable=False) as mc:  # the store records the resolved name
+        assert mc.engine.cfg.focus == "lexical"
+    assert json.loads((tmp_path / "m" / ENGINE_FILE).read_text())["config"]["focus"] == "lexical"
+    if (PACKAGED / BASE_MODEL / "model.safetensors").is_file():
+        base = FrozenBase.load(BASE_MODEL, device="cpu")
+        cfg, lens = resolve_focus(EngineConfig(), base, None)
+        assert (cfg.focus, lens) == ("lensnet", LENSNET_MODEL)
+
+
 def test_errors_are_clear(tiny_base, tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         MegaContext.open(tmp_path / "nope", tiny_base)

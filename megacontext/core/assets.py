@@ -1,7 +1,7 @@
 """Embedded models: where the small base model and its trained checkpoints are found at run time.
 
 The package ships three model folders as package data (``megacontext/assets/models/``):
-``base-llama-19m-v2`` (the stand-in frozen base), ``gistnet-19m-v2`` and ``lensnet-19m-v2`` (checkpoints trained
+``base-llama-19m-v2`` (the stand-in frozen base), ``gistnet-19m-v2`` and ``lensnet-19m-v2-lex`` (checkpoints trained
 for it). Code names them by name, never by a path relative to the repository, so a non-editable
 install run from any directory finds them. v2 of the base (``standin/``, docs/results/standin_base.md)
 replaced v1 (``base-llama-19m``, with ``gistnet-19m`` and ``lensnet-19m`` made for it) as the embedded
@@ -27,7 +27,7 @@ ENV_VAR = "MEGACONTEXT_MODELS"
 PACKAGED = Path(__file__).resolve().parents[1] / "assets" / "models"
 BASE_MODEL = "base-llama-19m-v2"
 GISTNET_MODEL = "gistnet-19m-v2"
-LENSNET_MODEL = "lensnet-19m-v2"
+LENSNET_MODEL = "lensnet-19m-v2-lex"
 EMBEDDED = (BASE_MODEL, GISTNET_MODEL, LENSNET_MODEL)
 
 

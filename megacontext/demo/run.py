@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from megacontext.api import ENGINE_FILE, TELEMETRY_FILE, MegaContext, resolve_gistnet
+from megacontext.api import ENGINE_FILE, TELEMETRY_FILE, MegaContext, resolve_focus, resolve_gistnet
 from megacontext.base import FrozenBase
 from megacontext.core.assets import BASE_MODEL
 from megacontext.core.config import Config, check
@@ -58,7 +58,9 @@ class DemoConfig(Config):
     # protected raw tokens gave the focused memory the lowest answer NLL of the settings tried
     recent_raw: int = 256
     position_mode: Literal["absolute", "compact"] = "compact"  # RoPE positions of the slots (see --wc.position-mode)
-    focus: str = "lexical"  # the query-aware policy (lexical, or lensnet with a checkpoint)
+    # the query-aware policy: auto (the product default: the embedded LensNet when it fits the base, else
+    # lexical), lexical, or lensnet (with --lensnet, or the embedded one)
+    focus: str = "auto"
     lensnet: str | None = None
     gistnet: str = "auto"  # auto (embedded gistnet-19m-v2 when it fits the base) | none (mean pooling) | a checkpoint
     answer_tokens: int = 8  # greedy completion length
@@ -71,7 +73,8 @@ class DemoConfig(Config):
         check(self.chars > 0, f"chars={self.chars} must be > 0")
         check(self.position_mode in ("absolute", "compact"),
               f"position_mode={self.position_mode!r}; expected 'absolute' or 'compact'")
-        check(self.focus in ("lexical", "lensnet"), f"focus={self.focus!r}; expected 'lexical' or 'lensnet'")
+        check(self.focus in ("auto", "lexical", "lensnet"),
+              f"focus={self.focus!r}; expected 'auto', 'lexical' or 'lensnet'")
         check(self.distractors >= 1, f"distractors={self.distractors} must be >= 1")
         check(self.answer_tokens >= 1, f"answer_tokens={self.answer_tokens} must be >= 1")
 
@@ -144,6 +147,14 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     say(f"base model: {BASE_MODEL} ({sum(p.numel() for p in base.model.parameters()) / 1e6:.1f}M params, "
         f"native window {base.native_window}) on {base.device}")
     say(f"gists: {'GistNet ' + gistnet if gistnet else 'mean pooling'}")
+
+    # the policy the memories will run, named in every table (auto and a bare lensnet resolve as in the API)
+    ecfg, lensnet = resolve_focus(EngineConfig(focus="auto" if cfg.focus == "lensnet" else cfg.focus), base,
+                                  cfg.lensnet)
+    cfg = cfg.replace(focus=ecfg.focus, lensnet=lensnet)
+    if cfg.focus == "lensnet" and lensnet is None:
+        raise ValueError("focus='lensnet' needs a LensNet checkpoint for this base (--lensnet)")
+    say(f"focus: {cfg.focus}" + (f" ({lensnet})" if cfg.focus == "lensnet" else ""))
 
     text, facts = ships_log(cfg.chars, seed=cfg.seed)
     doc = base.encode(text)

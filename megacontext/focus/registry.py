@@ -15,11 +15,15 @@ from megacontext.focus.recency import RecencyFocus
 
 BUILTIN: dict[str, Callable[[], FocusPolicy]] = {"recency": RecencyFocus, "lexical": LexicalFocus}
 CHECKPOINT_POLICIES = ("lensnet",)  # built from a checkpoint by the API
-POLICY_NAMES = (*BUILTIN, *CHECKPOINT_POLICIES)
+# "auto" (the product default) is resolved by the API when a memory is created: LensNet when a checkpoint for
+# this base model is given or embedded, else the training-free lexical policy (megacontext.runtime.components)
+POLICY_NAMES = (*BUILTIN, *CHECKPOINT_POLICIES, "auto")
 
 
 def make_policy(name: str) -> FocusPolicy:
-    """A built-in policy by name ('recency' or 'lexical')."""
+    """A built-in policy by name ('recency' or 'lexical'; 'auto' without a LensNet is 'lexical')."""
+    if name == "auto":
+        name = "lexical"
     if name not in BUILTIN:
         raise ValueError(f"focus policy {name!r} is not built in; expected one of {sorted(BUILTIN)}"
                          + (" (lensnet needs a checkpoint: pass lensnet=...)" if name in CHECKPOINT_POLICIES else ""))

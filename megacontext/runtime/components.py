@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from megacontext.base import FrozenBase
-from megacontext.core.assets import BASE_MODEL, EMBEDDED, GISTNET_MODEL, AssetError
+from megacontext.core.assets import BASE_MODEL, EMBEDDED, GISTNET_MODEL, LENSNET_MODEL, AssetError
 from megacontext.core.checkpoint import CheckpointError, read_checkpoint_meta
 from megacontext.focus.registry import make_policy
 from megacontext.runtime.engine import EngineConfig
@@ -38,6 +38,21 @@ def resolve_gistnet(base: FrozenBase, gistnet: str | None) -> str | None:
     except (CheckpointError, AssetError):
         return None
     return GISTNET_MODEL if meta["base_fingerprint"] == base.fingerprint else None
+
+
+def resolve_focus(cfg: EngineConfig, base: FrozenBase, lensnet: str | None) -> tuple[EngineConfig, str | None]:
+    """The product default ``focus="auto"`` made concrete, so a store records what it runs: LensNet when a
+    checkpoint is given or the embedded one was trained for this base model (it closes the most of the
+    recency-to-oracle gap measured, docs/focus_v2.md), else ``lexical`` (training-free, any base model)."""
+    if cfg.focus != "auto":
+        return cfg, lensnet
+    if lensnet is None:
+        try:
+            meta = read_checkpoint_meta(LENSNET_MODEL)
+            lensnet = LENSNET_MODEL if meta["base_fingerprint"] == base.fingerprint else None
+        except (CheckpointError, AssetError):
+            lensnet = None
+    return cfg.replace(focus="lensnet" if lensnet is not None else "lexical"), lensnet
 
 
 def make_compressor(base: FrozenBase, gistnet: str | None, lod2: str | None = None):

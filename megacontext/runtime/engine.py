@@ -74,7 +74,9 @@ class EngineConfig(Config):
     wc: WorkingContextConfig = field(default_factory=WorkingContextConfig)
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     k: int = 32  # tokens between refocus steps
-    focus: str = "recency"  # focus policy: recency | lexical | lensnet (lensnet needs a checkpoint)
+    # focus policy: auto | recency | lexical | lensnet. auto (resolved when a memory is created): LensNet when a
+    # checkpoint for this base is given or embedded, else lexical (BM25 over the tree's index, training-free)
+    focus: str = "auto"
     query_rounds: int = 4  # allocator steps after a prompt, with the prompt as the query (see module doc)
     cache_reuse: bool = True  # score/generate: crop the KV cache to the unchanged slot prefix instead of re-reading
     # bulk ingest: append + sync in batches of this many tokens, no focus rounds; the next read (score,

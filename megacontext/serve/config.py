@@ -16,7 +16,7 @@ from megacontext.serve.protocol import TOKEN_ENV
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MIN_TOKEN_CHARS = 16
-FOCUS_POLICIES = ("recency", "lexical", "lensnet")
+FOCUS_POLICIES = ("auto", "recency", "lexical", "lensnet")  # auto: see EngineConfig.focus
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_missing_model_names_both_places(monkeypatch, tmp_path):
     with pytest.raises(AssetError) as e:
         embedded(assets.LENSNET_MODEL)
     msg = str(e.value)
-    assert "lensnet-19m-v2" in msg and str(tmp_path / "models") in msg and str(tmp_path / "pkg") in msg
+    assert "lensnet-19m-v2-lex" in msg and str(tmp_path / "models") in msg and str(tmp_path / "pkg") in msg
     with pytest.raises(AssetError, match="not an embedded model"):
         embedded("gpt-17")
 

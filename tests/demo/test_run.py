@@ -22,8 +22,10 @@ def test_demo_fast(tmp_path):
     report = run_demo(cfg, say=lines.append)
     text = "\n".join(lines)
     assert len(report["facts"]) == 3 and "truncation" in report["facts"][0]["nll"]
-    assert set(report["recalled"]) == {"truncation", "megacontext+recency", "megacontext+lexical"}
-    assert "MegaContext (lexical focus) recalled" in text and "truncation" in text
+    # the default focus (auto) resolves to the embedded LensNet, which was trained for the embedded base
+    assert set(report["recalled"]) == {"truncation", "megacontext+recency", "megacontext+lensnet"}
+    assert "focus: lensnet (lensnet-19m-v2-lex)" in text
+    assert "MegaContext (lensnet focus) recalled" in text and "truncation" in text
     log_text, _ = ships_log(cfg.chars, seed=cfg.seed)
     for fact in report["facts"]:
         cands = fact["candidates"]
@@ -33,8 +35,8 @@ def test_demo_fast(tmp_path):
             truth = nlls[cands.index(fact["answer"])]
             assert fact["rank"][setting] == 1 + sum(v < truth for v in nlls)
             assert abs(truth - fact["nll"][setting]) < 1e-2
-    n = sum(f["rank"]["megacontext+lexical"] == 1 for f in report["facts"])
-    assert report["recalled"]["megacontext+lexical"] == n
+    n = sum(f["rank"]["megacontext+lensnet"] == 1 for f in report["facts"])
+    assert report["recalled"]["megacontext+lensnet"] == n
     assert Path(report["files"]["png"]).is_file()
 
 
