@@ -49,7 +49,7 @@ def save_checkpoint(directory: str | Path, module: torch.nn.Module, *, kind: str
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
-    """The checkpoint's config.json; ``directory`` may be an embedded name (``gistnet-19m-v2``, ``lensnet-19m-v2-lex``)."""
+    """The checkpoint's config.json; ``directory`` may be an embedded name (e.g. ``gistnet-19m-v2``)."""
     directory = Path(resolve(directory))
     cfg = directory / CONFIG
     if not cfg.is_file() or not (directory / WEIGHTS).is_file():
