@@ -222,6 +222,10 @@ class SessionRegistry:
             if self.count() >= self.cfg.max_sessions:
                 raise ServeError(409, f"this server already holds its maximum of {self.cfg.max_sessions} sessions")
             fb = self.catalog.base(base)
+            if config.focus == "auto" and lensnet is None:  # resolved within this server's allow-list
+                entry = self.catalog.for_base("lensnet", fb.fingerprint)
+                lensnet = entry.name if entry is not None else None
+                config = config.replace(focus="lensnet" if entry is not None else "lexical")
             tmp = self.root / f"{_TMP_PREFIX[0]}{sid}-{uuid.uuid4().hex[:8]}"
             try:
                 tmp.mkdir()

@@ -213,6 +213,8 @@ def test_lru_evicts_idle_sessions_and_reopens_them_intact(server):
 def test_score_text_focus_map_and_telemetry(server):
     with server.client() as c:
         c.post("/v1/sessions", json={"id": "sc"})
+        # the default focus "auto" resolves within the allow-list: no LensNet is allowed for the tiny base
+        assert c.get("/v1/sessions/sc").json()["config"]["focus"] == "lexical"
         r = c.get("/v1/sessions/sc/focus-map")
         assert r.status_code == 409 and "no refocus steps" in _err(r)
         c.post("/v1/sessions/sc/append", json={"text": "The ship sailed north. " * 30})
