@@ -31,6 +31,7 @@ from megacontext.base import FrozenBase
 from megacontext.core.config import Config, check
 from megacontext.core.lod import BLOCK
 from megacontext.core.stats import mean_ci
+from megacontext.gistnet.distill import optimise_vectors
 from megacontext.gistnet.levels import read_lod1_inputs
 from megacontext.gistnet.objective import reconstruction_logits
 
@@ -84,17 +85,9 @@ def _no_vector_logits(base: FrozenBase, blocks: Tensor) -> Tensor:
 
 
 def cram_vectors(base: FrozenBase, blocks: Tensor, init: Tensor, steps: int, lr: float) -> Tensor:
-    """Optimise one vector per block [N, d] (from ``init``) for the block's reconstruction NLL. The loss is
-    a sum over blocks, so each vector's gradient is independent of the others in its batch."""
-    vecs = torch.nn.Parameter(init.detach().float().clone())
-    opt = torch.optim.Adam([vecs], lr=lr)
-    targets = blocks.to(base.device)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        logits = reconstruction_logits(base, vecs, targets)  # [N, 32, V]
-        F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(-1).sum().backward()
-        opt.step()
-    return vecs.detach()
+    """Optimise one vector per block [N, d] (from ``init``) for the block's reconstruction NLL: the probe's
+    bound, made by the same optimiser as GistNet's distillation targets."""
+    return optimise_vectors(base, blocks, init, steps=steps, lr=lr)
 
 
 def recon_scores(base: FrozenBase, blocks: Tensor, cfg: ReconConfig, gistnet, meanpool, seed: int = 0,
