@@ -151,9 +151,9 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     # the policy the memories will run, named in every table (auto and a bare lensnet resolve as in the API)
     ecfg, lensnet = resolve_focus(EngineConfig(focus="auto" if cfg.focus == "lensnet" else cfg.focus), base,
                                   cfg.lensnet)
-    cfg = cfg.replace(focus=ecfg.focus, lensnet=lensnet)
-    if cfg.focus == "lensnet" and lensnet is None:
+    if cfg.focus == "lensnet" and ecfg.focus != "lensnet":  # asked for explicitly: no silent fallback
         raise ValueError("focus='lensnet' needs a LensNet checkpoint for this base (--lensnet)")
+    cfg = cfg.replace(focus=ecfg.focus, lensnet=lensnet)
     say(f"focus: {cfg.focus}" + (f" ({lensnet})" if cfg.focus == "lensnet" else ""))
 
     text, facts = ships_log(cfg.chars, seed=cfg.seed)

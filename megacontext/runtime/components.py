@@ -31,13 +31,16 @@ def load_base(base, device, dtype) -> FrozenBase:
 def resolve_gistnet(base: FrozenBase, gistnet: str | None) -> str | None:
     """``"auto"`` -> the embedded GistNet (its name) when it was trained for this base model, else None (mean
     pooling)."""
-    if gistnet != "auto":
-        return gistnet
+    return _embedded_for(base, GISTNET_MODEL) if gistnet == "auto" else gistnet
+
+
+def _embedded_for(base: FrozenBase, name: str) -> str | None:
+    """The embedded checkpoint ``name`` when it was trained for this base model, else None."""
     try:
-        meta = read_checkpoint_meta(GISTNET_MODEL)
+        meta = read_checkpoint_meta(name)
     except (CheckpointError, AssetError):
         return None
-    return GISTNET_MODEL if meta["base_fingerprint"] == base.fingerprint else None
+    return name if meta["base_fingerprint"] == base.fingerprint else None
 
 
 def resolve_focus(cfg: EngineConfig, base: FrozenBase, lensnet: str | None) -> tuple[EngineConfig, str | None]:
@@ -47,11 +50,7 @@ def resolve_focus(cfg: EngineConfig, base: FrozenBase, lensnet: str | None) -> t
     if cfg.focus != "auto":
         return cfg, lensnet
     if lensnet is None:
-        try:
-            meta = read_checkpoint_meta(LENSNET_MODEL)
-            lensnet = LENSNET_MODEL if meta["base_fingerprint"] == base.fingerprint else None
-        except (CheckpointError, AssetError):
-            lensnet = None
+        lensnet = _embedded_for(base, LENSNET_MODEL)
     return cfg.replace(focus="lensnet" if lensnet is not None else "lexical"), lensnet
 
 
