@@ -12,13 +12,15 @@
 #                                           # the embedded gistnet-19m-v2 and lensnet-19m-v2-lex (shipped in the package).
 #     bash benchmarks/run_suite.sh ppl_mc   # books_ppl + code_ppl: MegaContext systems + full/truncation/sinks/bm25
 #                                           # in one invocation, chunk 128 for every system (estimate below)
+#     bash benchmarks/run_suite.sh headline # issue 17's headline: the three parts below side by side on one GPU,
+#                                           # then benchmarks/bench_headline.py merges them (bench_headline/)
 #     bash benchmarks/run_suite.sh lingua_small  # far_recall + passkey: llmlingua at few probes, with matched
 #                                           # truncation / bm25 / megacontext-lensnet rows (estimate below)
 # Results: docs/results/bench_full_<part>/{results.json,results.md,*.png} (under $OUT on the device machine).
 # The GPU image needs: pip install rank_bm25==0.2.2 llmlingua==0.2.2 (offline wheels under carry/ if needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small|rawfirst|oracle}
+part=${1:?usage: run_suite.sh stage|ppl|probes|lingua|mc|ppl_mc|lingua_small|rawfirst|oracle|headline}
 out_root=${OUT:-docs/results}
 py=${PYTHON:-python}
 bench=("$py" -m megacontext bench --suite full)
@@ -94,5 +96,29 @@ case "$part" in
     "${bench[@]}" --tasks far_recall passkey "${probes_small[@]}" --systems truncation bm25 megacontext-recency \
       megacontext-lensnet megacontext-oracle megacontext-rawfirst \
       megacontext-lensnet-rawfirst megacontext-oracle-rawfirst --out-dir "$out_root/bench_full_oracle" ;;
+  headline)
+    # The product default (`megacontext`: v2 base, embedded GistNet and LensNet, focus as EngineConfig's
+    # "auto" resolves it) against truncation, sinks, BM25, LLMLingua and the recency / lexical / evidence-oracle
+    # MegaContext rows. Three invocations run side by side (one GPU, 16 cores; each takes 3-6 min alone):
+    #   probes: far_recall + passkey + qmsum at chunk 32 (the mc sizes), every system but llmlingua
+    #   ppl:    books_ppl + code_ppl at the ppl_mc sizes (chunk 128)
+    #   lingua: far_recall + passkey at the lingua_small sizes with matched truncation / bm25 / megacontext rows
+    # and benchmarks/bench_headline.py merges their results.json into bench_headline/results.{md,json}.
+    hl="$out_root/bench_headline"
+    mkdir -p "$hl"
+    "${bench[@]}" --tasks far_recall passkey qmsum "${probes_small[@]}" \
+      --systems truncation sinks bm25 megacontext-recency megacontext-lexical megacontext megacontext-oracle \
+      --out-dir "$hl/probes" > "$hl/probes.log" 2>&1 &
+    p1=$!
+    "${bench[@]}" "${ppl_small[@]}" \
+      --systems full truncation sinks bm25 megacontext-recency megacontext --out-dir "$hl/ppl" > "$hl/ppl.log" 2>&1 &
+    p2=$!
+    "${bench[@]}" --tasks far_recall passkey --chunk 256 --per-distance 2 \
+      --systems llmlingua truncation bm25 megacontext --out-dir "$hl/lingua" > "$hl/lingua.log" 2>&1 &
+    p3=$!
+    rc=0
+    for p in $p1 $p2 $p3; do wait $p || rc=$?; done
+    $py benchmarks/bench_headline.py --parts "$hl/probes" "$hl/ppl" "$hl/lingua" --out "$hl" || rc=$?
+    exit $rc ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
