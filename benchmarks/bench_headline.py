@@ -12,8 +12,10 @@ chunk 128, LLMLingua at chunk 256), because one invocation with every task at on
   disjoint), and the share of the recency -> evidence-oracle gap that ``megacontext`` closes;
 - the provenance (command, commit, machine, base fingerprint) of every part, and the parts' full tables.
 
-Rows from different parts are not mixed within a table: a system that runs in two parts (truncation, BM25,
-``megacontext``) appears once per part, labelled with the part, because chunk size changes what is scored.
+Invocations whose sample settings are equal (everything in their config but the systems, the output folder
+and batching) score the same samples, so they are merged into one part named after the first; their commands
+are all listed. Rows of different parts are not mixed within a table: a system that runs in two parts
+(truncation, BM25, ``megacontext``) appears once per part, because chunk size changes what is scored.
 
 Usage: ``python benchmarks/bench_headline.py --parts DIR [DIR ...] --out DIR``.
 """
@@ -30,10 +32,48 @@ RIVALS = ("bm25-absolute", "truncation")
 TARGET_TASKS = ("far_recall", "passkey")
 
 
+# config fields that do not change which samples are scored or how
+_NOT_SAMPLE = {"systems", "system_options", "out_dir", "batch_tokens", "device", "dtype", "name"}
+
+
 def load_part(path: Path) -> dict:
     data = json.loads((path / "results.json").read_text())
-    data["name"] = path.name
+    data["name"] = path.name or path.resolve().name
+    data["metas"] = [data["meta"]]
     return data
+
+
+def _sample_key(part: dict) -> str:
+    cfg = {k: v for k, v in part["meta"]["config"].items() if k not in _NOT_SAMPLE}
+    return json.dumps(cfg, sort_keys=True)
+
+
+def merge_parts(parts: list[dict]) -> list[dict]:
+    """Merge invocations that scored the same samples (see module docstring); a (task, system, budget) scored
+    by two of them must agree, else the merge refuses."""
+    merged: dict[str, dict] = {}
+    for part in sorted(parts, key=lambda p: (len(p["name"]), p["name"])):
+        key = _sample_key(part)
+        if key not in merged:
+            merged[key] = part
+            continue
+        into = merged[key]
+        have = {(r["task"], r["system"], r["w_max"], r["metric"], r["group"]): r["value"] for r in into["rows"]}
+        for r in part["rows"]:
+            k = (r["task"], r["system"], r["w_max"], r["metric"], r["group"])
+            if k in have:
+                if not math.isclose(have[k], r["value"], rel_tol=1e-3, abs_tol=1e-3):
+                    raise SystemExit(f"parts {into['name']} and {part['name']} disagree on {k}: {have[k]} vs "
+                                     f"{r['value']}; they did not score the same samples")
+                continue
+            into["rows"].append(r)
+        into["cost"] += [c for c in part["cost"]
+                         if not any((c["task"], c["system"], c["w_max"]) == (d["task"], d["system"], d["w_max"])
+                                    for d in into["cost"])]
+        scored = {r["system"] for r in into["rows"]}
+        into["skipped"] = [s for s in into["skipped"] + part["skipped"] if s["system"] not in scored]
+        into["metas"].append(part["meta"])
+    return list(merged.values())
 
 
 def overall(rows: list[dict], task: str, metric: str) -> dict[tuple[str, int], dict]:
@@ -100,10 +140,10 @@ def markdown(parts: list[dict], summary: list[dict], checks: list[dict]) -> str:
              "Written by `python benchmarks/bench_headline.py` from the parts of `bash benchmarks/run_suite.sh "
              "headline`. Each part is one `megacontext bench` invocation:", ""]
     for p in parts:
-        m = p["meta"]
-        lines.append(f"- **{p['name']}**: `{m['command']}` · commit `{m['commit']}` · {m['machine']} · base "
-                     f"`{m['base_model']}` ({m['base_fingerprint']}, {m['dtype']}) · torch {m.get('torch')} · "
-                     f"transformers {m.get('transformers')}")
+        for m in p["metas"]:
+            lines.append(f"- **{p['name']}**: `{m['command']}` · commit `{m['commit']}` · {m['machine']} · base "
+                         f"`{m['base_model']}` ({m['base_fingerprint']}, {m['dtype']}) · torch {m.get('torch')} · "
+                         f"transformers {m.get('transformers')}")
     lines += ["", "Cells: mean over probes (documents for perplexity) with a 95% bootstrap interval; NLL in "
               "nats/token, lower is better; passkey accuracy = share of probes whose every key token is the "
               "base's top-1.", "", "## Targets (issue 17)", "", "| target | W_max | part | result | met |",
@@ -131,6 +171,9 @@ def markdown(parts: list[dict], summary: list[dict], checks: list[dict]) -> str:
                         f"{r['accuracy']:.3f} [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}] | "
                 nll = {"value": r["nll"], "lo": r["nll_lo"], "hi": r["nll_hi"]}
                 lines.append(f"| {r['system']} | {r['w_max']} | {_cell(nll)} | {acc}{r['n']} |")
+    skipped = [f"- {p['name']}: {s['system']} ({s['task']}): {s['reason']}" for p in parts for s in p["skipped"]]
+    if skipped:
+        lines += ["", "## Not scored", ""] + skipped
     lines += ["", "## Per-distance and per-position tables", "",
               "Each part's own report (tables by distance or position, cost per token, plots) is in its folder: "
               + ", ".join(f"[{p['name']}/results.md]({p['name']}/results.md)" for p in parts) + "."]
@@ -142,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parts", nargs="+", required=True, help="folders holding a part's results.json")
     ap.add_argument("--out", required=True, help="folder for the merged results.{json,md}")
     args = ap.parse_args(argv)
-    parts = [load_part(Path(p)) for p in args.parts if (Path(p) / "results.json").exists()]
+    parts = merge_parts([load_part(Path(p)) for p in args.parts if (Path(p) / "results.json").exists()])
     missing = [p for p in args.parts if not (Path(p) / "results.json").exists()]
     if not parts:
         raise SystemExit(f"no results.json under any of {args.parts}")
@@ -150,9 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     checks = [c for p in parts for c in target_checks(p)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"parts": [{"name": p["name"], **{k: p["meta"].get(k) for k in
-                                                ("command", "commit", "machine", "base_model", "base_fingerprint",
-                                                 "dtype", "torch", "transformers")}} for p in parts],
+    keys = ("command", "commit", "machine", "base_model", "base_fingerprint", "dtype", "torch", "transformers")
+    payload = {"parts": [{"name": p["name"], "invocations": [{k: m.get(k) for k in keys} for m in p["metas"]],
+                          "skipped": p["skipped"]} for p in parts],
                "missing_parts": missing, "targets": checks, "summary": summary}
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / "results.md").write_text(markdown(parts, summary, checks))

@@ -99,26 +99,31 @@ case "$part" in
   headline)
     # The product default (`megacontext`: v2 base, embedded GistNet and LensNet, focus as EngineConfig's
     # "auto" resolves it) against truncation, sinks, BM25, LLMLingua and the recency / lexical / evidence-oracle
-    # MegaContext rows. Three invocations run side by side (one GPU, 16 cores; each takes 3-6 min alone):
-    #   probes: far_recall + passkey + qmsum at chunk 32 (the mc sizes), every system but llmlingua
-    #   ppl:    books_ppl + code_ppl at the ppl_mc sizes (chunk 128)
-    #   lingua: far_recall + passkey at the lingua_small sizes with matched truncation / bm25 / megacontext rows
-    # and benchmarks/bench_headline.py merges their results.json into bench_headline/results.{md,json}.
+    # MegaContext rows. Five invocations run side by side (one GPU, 16 cores; 1-6 min each alone); invocations
+    # with the same sample settings (seed, tasks, sizes, chunk) score the same samples and are merged into one
+    # part by benchmarks/bench_headline.py, which writes bench_headline/results.{md,json}:
+    #   probes (+ probes_bm25): far_recall + passkey + qmsum at chunk 32 (the mc sizes)
+    #   ppl (+ ppl_mc):         books_ppl + code_ppl at the ppl_mc sizes (chunk 128)
+    #   lingua:                 far_recall + passkey at the lingua_small sizes, matched truncation / bm25 / megacontext
+    # Needs rank_bm25 and llmlingua (offline: pip install --no-deps --no-index carry/wheels/*.whl).
+    # HEADLINE_ONLY="probes lingua" runs a subset (e.g. to redo one part).
     hl="$out_root/bench_headline"
     mkdir -p "$hl"
-    "${bench[@]}" --tasks far_recall passkey qmsum "${probes_small[@]}" \
-      --systems truncation sinks bm25 megacontext-recency megacontext-lexical megacontext megacontext-oracle \
-      --out-dir "$hl/probes" > "$hl/probes.log" 2>&1 &
-    p1=$!
-    "${bench[@]}" "${ppl_small[@]}" \
-      --systems full truncation sinks bm25 megacontext-recency megacontext --out-dir "$hl/ppl" > "$hl/ppl.log" 2>&1 &
-    p2=$!
-    "${bench[@]}" --tasks far_recall passkey --chunk 256 --per-distance 2 \
-      --systems llmlingua truncation bm25 megacontext --out-dir "$hl/lingua" > "$hl/lingua.log" 2>&1 &
-    p3=$!
+    declare -A cmd
+    cmd[probes]="--tasks far_recall passkey qmsum ${probes_small[*]} --systems truncation sinks megacontext-recency megacontext-lexical megacontext megacontext-oracle"
+    cmd[probes_bm25]="--tasks far_recall passkey qmsum ${probes_small[*]} --systems bm25 truncation"
+    cmd[ppl]="${ppl_small[*]} --systems full truncation sinks bm25 megacontext-recency"
+    cmd[ppl_mc]="${ppl_small[*]} --systems megacontext"
+    cmd[lingua]="--tasks far_recall passkey --chunk 256 --per-distance 2 --systems llmlingua truncation bm25 megacontext"
+    pids=()
+    for name in ${HEADLINE_ONLY:-probes probes_bm25 ppl ppl_mc lingua}; do
+      # shellcheck disable=SC2086  # the flag strings are meant to split
+      "${bench[@]}" ${cmd[$name]} --out-dir "$hl/$name" > "$hl/$name.log" 2>&1 &
+      pids+=($!)
+    done
     rc=0
-    for p in $p1 $p2 $p3; do wait $p || rc=$?; done
-    $py benchmarks/bench_headline.py --parts "$hl/probes" "$hl/ppl" "$hl/lingua" --out "$hl" || rc=$?
+    for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    $py benchmarks/bench_headline.py --parts "$hl"/*/ --out "$hl" || rc=$?
     exit $rc ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
