@@ -13,6 +13,8 @@
 #   recon       + reconstruction NLL of [BOS][gist][block]
 #   copy_recon  + both
 #   hidden      copy_recon with base hidden states as LOD1 inputs
+#   recon_base4 / recon_base8  recon with encoder='base': a trainable copy of the base's first 4 / 8 layers
+#               reading the block + one gist slot (gistnet.prefix_encoder), pretrained layers at lr x 0.3
 #   recon_distill  recon + distillation toward per-block optimised vectors (targets made first in the same
 #               call from the training cache: DISTILL_BLOCKS blocks, default 50k, starting from GISTNET_INIT or
 #               mean pooling)
@@ -74,6 +76,8 @@ case "$part" in
       [recon]="--objective.copy-frac 0 --objective.copy-weight 0"
       [copy_recon]=""
       [hidden]="--model.inputs hidden"
+      [recon_base4]="--objective.copy-frac 0 --objective.copy-weight 0 --model.encoder base --model.layers 4 --encoder-lr-mult 0.3"
+      [recon_base8]="--objective.copy-frac 0 --objective.copy-weight 0 --model.encoder base --model.layers 8 --encoder-lr-mult 0.3"
       [recon_distill]="--objective.copy-frac 0 --objective.copy-weight 0 --distill $work/distill --objective.distill-weight 1.0"
     )
     if [[ " ${variants[*]} " == *" recon_distill "* ]]; then
@@ -111,6 +115,8 @@ case "$part" in
     for v in "${done_[@]}"; do
       tail -n 3 "$work/$v.eval.log"
       tar -C "$work/export" -czf "$out/$v.tar.gz" "$v"
+      # the evaluation alone as well: a large checkpoint's tarball may exceed what comes back from a device
+      tar -C "$work/export" -czf "$out/$v.eval.tar.gz" --exclude='*.safetensors' "$v"
       [ -f "$work/export/$v/gist_eval_$v.json" ] && evaluated+=("$v")
     done
     [ ${#evaluated[@]} -gt 0 ] && $py benchmarks/gistnet_v2_summary.py "$work/export" "${evaluated[@]}" \

@@ -65,8 +65,14 @@ class GistNetConfig(Config):
     learn_gain: bool = False  # learn a per-level output scale exp(g) * embed_norm (g in [-2, 2], starts at 0)
     inputs: Literal["embeddings", "hidden"] = "embeddings"  # what LOD1 reads (see module docstring)
     input_layer: int = -1  # inputs="hidden": index into the base's hidden_states (0 = embeddings, -1 = last)
+    # "slots": the small bidirectional trunk below; "base": a trainable copy of the base's first ``layers``
+    # layers reading the inputs + one gist slot (gistnet.prefix_encoder; heads/width_mult do not apply)
+    encoder: Literal["slots", "base"] = "slots"
 
     def __post_init__(self):
+        check(self.encoder in ("slots", "base"), f"encoder={self.encoder!r} must be 'slots' or 'base'")
+        check(self.encoder == "slots" or self.layers >= 1,
+              f"layers={self.layers}: encoder='base' copies at least one of the base's layers")
         check(self.inputs in ("embeddings", "hidden"), f"inputs={self.inputs!r} must be 'embeddings' or 'hidden'")
         check(self.layers >= 0, f"layers={self.layers} must be >= 0")
         check(self.heads >= 1, f"heads={self.heads} must be >= 1")
@@ -167,7 +173,7 @@ class _Trunk(nn.Module):
 class GistNet(nn.Module):
     """32 -> 1 compressor. ``forward(x [n, 32, d], level) -> [n, d]`` with row norms ``embed_norm``."""
 
-    def __init__(self, cfg: GistNetConfig, d_model: int, embed_norm: float = 1.0):
+    def __init__(self, cfg: GistNetConfig, d_model: int, embed_norm: float = 1.0, base_config=None):
         super().__init__()
         if d_model <= 0:
             raise ValueError(f"d_model={d_model} must be positive")
@@ -176,8 +182,18 @@ class GistNet(nn.Module):
         width = cfg.width(d_model)  # a multiple of 2 * heads, so the RoPE head_dim is even
         self.cfg = cfg
         self.d_model = d_model
+        self.base_config = base_config
         n_trunks = 1 if cfg.shared_levels else NET_LEVELS
-        self.trunks = nn.ModuleList(_Trunk(d_model, cfg) for _ in range(n_trunks))
+        if cfg.encoder == "base":
+            if base_config is None:
+                raise ValueError("GistNetConfig.encoder='base' needs the base model's config (base_config=...)")
+            from megacontext.gistnet.prefix_encoder import BasePrefixTrunk
+
+            width = d_model  # the slot and its level vector live in the base's embedding space
+            self.trunks = nn.ModuleList(BasePrefixTrunk(d_model, cfg.layers, base_config, cfg.mlp_mult, cfg.dropout)
+                                        for _ in range(n_trunks))
+        else:
+            self.trunks = nn.ModuleList(_Trunk(d_model, cfg) for _ in range(n_trunks))
         self.level_embed = nn.Embedding(NET_LEVELS, width)  # row level-1
         nn.init.normal_(self.level_embed.weight, std=0.02)
         self.register_buffer("embed_norm", torch.tensor(float(embed_norm)))
@@ -188,6 +204,22 @@ class GistNet(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def param_groups(self, encoder_lr_mult: float = 1.0) -> list[dict]:
+        """Optimizer groups: the copied pretrained layers (encoder='base') get ``lr_mult`` = encoder_lr_mult,
+        everything else 1. Every parameter is listed (frozen ones get no gradient, AdamW skips them), so a 'slots'
+        net has one group in ``parameters()`` order, as optimizer states saved before the groups existed."""
+        body = {id(p) for t in self.trunks for p in getattr(t, "body", nn.Module()).parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in body], "lr_mult": 1.0},
+                  {"params": [p for p in self.parameters() if id(p) in body], "lr_mult": encoder_lr_mult}]
+        return [g for g in groups if g["params"]]
+
+    def init_encoder_from(self, base: FrozenBase) -> None:
+        """encoder='base': copy the base's first layers into every trunk (a fresh net's starting point)."""
+        if self.cfg.encoder != "base":
+            raise ValueError(f"init_encoder_from needs encoder='base', this net has encoder={self.cfg.encoder!r}")
+        for trunk in self.trunks:
+            trunk.init_from(base.model, input_scale=float(self.embed_norm))
 
     @torch.no_grad()
     def lod1_inputs(self, base: FrozenBase, ids: Tensor, chunk: int = 4096) -> Tensor:
@@ -254,7 +286,7 @@ class GistNet(nn.Module):
         loading casts back to float32, and ``weights_hash`` is that of the stored weights."""
         net = self
         if dtype is not None:
-            net = GistNet(self.cfg, self.d_model, float(self.embed_norm))
+            net = GistNet(self.cfg, self.d_model, float(self.embed_norm), base_config=self.base_config)
             net.load_state_dict({k: v.to(dtype).to(v.dtype) for k, v in self.state_dict().items()})
             net.to(dtype)
         return save_checkpoint(directory, net, kind=KIND, config=self.cfg.to_dict(),
@@ -266,7 +298,7 @@ class GistNet(nn.Module):
         """Load a checkpoint trained for ``base``; refuses one trained for another base model."""
         state, meta = load_checkpoint(directory, kind=KIND, base_fingerprint=base.fingerprint, d_model=base.d_model)
         cfg = GistNetConfig.from_dict(meta["config"])
-        net = cls(cfg, base.d_model, embed_norm=float(state["embed_norm"]))
+        net = cls(cfg, base.d_model, embed_norm=float(state["embed_norm"]), base_config=base.config)
         state.setdefault("log_gain", torch.zeros(NET_LEVELS))  # checkpoints from before learn_gain existed
         net.load_state_dict(state)
         log.info("loaded GistNet %s (%d params, step %s)", directory, net.num_params(), meta.get("step", "?"))

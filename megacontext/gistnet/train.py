@@ -77,6 +77,7 @@ class GistTrainConfig(Config):
     batch_size: int = 16  # windows per step per rank
     steps: int = 2000
     lr: float = 1e-3
+    encoder_lr_mult: float = 1.0  # model.encoder='base': the copied pretrained layers learn at lr * this
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     warmup_lr_steps: int = 100
     weight_decay: float = 0.01
@@ -118,6 +119,7 @@ class GistTrainConfig(Config):
         check(self.steps > 0 or self.max_minutes > 0,
               f"steps={self.steps}: 0 plans the run from the step rate and needs max_minutes > 0")
         check(self.lr > 0, f"lr={self.lr} must be > 0")
+        check(self.encoder_lr_mult > 0, f"encoder_lr_mult={self.encoder_lr_mult} must be > 0")
         check(0 <= self.min_lr_frac <= 1, f"min_lr_frac={self.min_lr_frac} must lie in [0, 1]")
         for name in ("gist_frac_start", "gist_frac_end", "val_gist_frac"):
             v = getattr(self, name)
@@ -258,14 +260,17 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
     if dist_.main:
         out.mkdir(parents=True, exist_ok=True)
 
-    net = GistNet(cfg.model, base.d_model, embed_norm=base.embed_norm)
+    net = GistNet(cfg.model, base.d_model, embed_norm=base.embed_norm, base_config=base.config)
+    if cfg.model.encoder == "base":
+        net.init_encoder_from(base)  # overwritten below by --init or a resumed checkpoint
     if cfg.init:
         net.load_state_dict(GistNet.load(cfg.init, base).state_dict())
     net.to(device).train()
     lod1_net = None
     if cfg.level == 2 and cfg.lod1:
         lod1_net = GistNet.load(cfg.lod1, base).requires_grad_(False)  # frozen: only the LOD2 net learns
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(net.param_groups(cfg.encoder_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.98))
     start = 0
     if cfg.resume and can_resume(out):
         net.load_state_dict(GistNet.load(out, base).state_dict())
@@ -321,7 +326,7 @@ def train(cfg: GistTrainConfig, base: FrozenBase | None = None) -> dict[str, flo
             g = int(torch.randint(1, cfg.max_gist_blocks(step) + 1, (1,), generator=gen))
             tokens = next(batches).to(device, non_blocking=True)
             for group in opt.param_groups:
-                group["lr"] = cfg.lr_at(step)
+                group["lr"] = cfg.lr_at(step) * group.get("lr_mult", 1.0)
             with _autocast(device, cfg.amp):
                 if step < cfg.hidden_warmup_steps:
                     layer = None if cfg.hidden_layer < 0 else cfg.hidden_layer
