@@ -40,6 +40,7 @@ def load_part(path: Path) -> dict:
     data = json.loads((path / "results.json").read_text())
     data["name"] = path.name or path.resolve().name
     data["metas"] = [data["meta"]]
+    data["own_skipped"] = [data["skipped"]]
     return data
 
 
@@ -70,9 +71,13 @@ def merge_parts(parts: list[dict]) -> list[dict]:
         into["cost"] += [c for c in part["cost"]
                          if not any((c["task"], c["system"], c["w_max"]) == (d["task"], d["system"], d["w_max"])
                                     for d in into["cost"])]
-        scored = {r["system"] for r in into["rows"]}
-        into["skipped"] = [s for s in into["skipped"] + part["skipped"] if s["system"] not in scored]
         into["metas"].append(part["meta"])
+        into["own_skipped"].append(part["skipped"])
+    for part in merged.values():
+        # a system one invocation could not run (a missing package) but another one ran is not "not scored"
+        ran = {name for m, skips in zip(part["metas"], part["own_skipped"], strict=True)
+               for name in m["config"]["systems"] if not any(s["system"] == name for s in skips)}
+        part["skipped"] = [s for skips in part["own_skipped"] for s in skips if s["system"] not in ran]
     return list(merged.values())
 
 
