@@ -99,12 +99,13 @@ case "$part" in
   headline)
     # The product default (`megacontext`: v2 base, embedded GistNet and LensNet, focus as EngineConfig's
     # "auto" resolves it) against truncation, sinks, BM25, LLMLingua and the recency / lexical / evidence-oracle
-    # MegaContext rows. Five invocations run side by side (one GPU, 16 cores; 1-6 min each alone); invocations
+    # MegaContext rows. Seven invocations run side by side (one GPU, 16 cores; 1-6 min each alone); invocations
     # with the same sample settings (seed, tasks, sizes, chunk) score the same samples and are merged into one
     # part by benchmarks/bench_headline.py, which writes bench_headline/results.{md,json}:
     #   probes (+ probes_bm25): far_recall + passkey + qmsum at chunk 32 (the mc sizes)
     #   ppl (+ ppl_mc):         books_ppl + code_ppl at the ppl_mc sizes (chunk 128)
     #   lingua:                 far_recall + passkey at the lingua_small sizes, matched truncation / bm25 / megacontext
+    #   rawfirst, ppl_rawfirst: megacontext-lensnet-rawfirst on the probe and perplexity samples (merged likewise)
     # Needs rank_bm25 and llmlingua (offline: pip install --no-deps --no-index carry/wheels/*.whl).
     # HEADLINE_ONLY="probes lingua" runs a subset (e.g. to redo one part).
     hl="$out_root/bench_headline"
@@ -114,9 +115,12 @@ case "$part" in
     cmd[probes_bm25]="--tasks far_recall passkey qmsum ${probes_small[*]} --systems bm25 truncation"
     cmd[ppl]="${ppl_small[*]} --systems full truncation sinks bm25 megacontext-recency"
     cmd[ppl_mc]="${ppl_small[*]} --systems megacontext"
+    # the raw-first tiling under the learned focus: the lever the first headline (docs/focus_v2.md) points to
+    cmd[rawfirst]="--tasks far_recall passkey qmsum ${probes_small[*]} --systems megacontext-lensnet-rawfirst truncation"
+    cmd[ppl_rawfirst]="${ppl_small[*]} --systems megacontext-lensnet-rawfirst truncation"
     cmd[lingua]="--tasks far_recall passkey --chunk 256 --per-distance 2 --systems llmlingua truncation bm25 megacontext"
     pids=()
-    for name in ${HEADLINE_ONLY:-probes probes_bm25 ppl ppl_mc lingua}; do
+    for name in ${HEADLINE_ONLY:-probes probes_bm25 ppl ppl_mc lingua rawfirst ppl_rawfirst}; do
       # shellcheck disable=SC2086  # the flag strings are meant to split
       "${bench[@]}" ${cmd[$name]} --out-dir "$hl/$name" > "$hl/$name.log" 2>&1 &
       pids+=($!)
