@@ -25,6 +25,9 @@ Design choices
   and ICAE-style encoders: a 5M-parameter net cannot know what the base model knows about a phrase). It costs
   one no-grad base forward per 32-token block at ingest, i.e. about one extra base-model pass over the
   history, and needs no gradient through that pass.
+- ``encoder="base"`` swaps the trunk for a trainable copy of the base's first ``layers`` layers
+  (:mod:`megacontext.gistnet.prefix_encoder`); same output head, so it also starts as mean pooling. Measured
+  in docs/results/gistnet_v2.md (round 4): no better than the slot trunk so far, kept as an option.
 """
 
 from __future__ import annotations
