@@ -62,6 +62,13 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_now_mb() -> dict:
+    """Current anonymous (heap, arrays) and file-backed (mapped level / index files: reclaimable) RSS, MiB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {f"{k.lower()}_mb": round(int(status[k].split()[0]) / 1024, 1) for k in ("RssAnon", "RssFile")
+            if k in status}
+
+
 def gpu_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
@@ -92,7 +99,8 @@ def run(args) -> dict:
             rows.append({"history": before, "tokens": ids.numel(), "seconds": round(dt, 3),
                          "us_per_token": round(1e6 * dt / ids.numel(), 3), "tree_levels": mc.tree.num_levels,
                          "wc_top_level": int(w.levels.max()) if len(w) else 0, "wc_entries": len(w),
-                         "wc_cost": w.cost, "rss_mb": round(rss_mb(), 1), "gpu_peak_mb": round(gpu_mb(), 1)})
+                         "wc_cost": w.cost, "rss_mb": round(rss_mb(), 1), **rss_now_mb(),
+                         "gpu_peak_mb": round(gpu_mb(), 1)})
             print(json.dumps(rows[-1]), flush=True)
         reach = mc.reach
     ingest_s = time.time() - t_all

@@ -89,11 +89,37 @@ def common_prefix(a: Tensor, b: Tensor) -> int:
     return int(diff[0]) if diff.numel() else n
 
 
+def rewind_static(cache, keep: int) -> None:
+    """Make a static cache hold only its first ``keep`` slots, its buffers keeping their addresses (CUDA graphs
+    captured over them stay valid). Version-agnostic, by feature detection: where every layer can ``crop``
+    (recent transformers: moves the write position), crop; else (e.g. transformers 5.17, whose ``StaticLayer``
+    has no ``crop``) re-prefill: copy the kept prefix out, ``reset()`` the cache and write the prefix back
+    through the public ``Cache.update`` (which appends at the write position). Raises NotImplementedError
+    where neither applies (sliding-window or non-KV layers), which the reader turns into its logged fallback."""
+    held = int(cache.get_seq_length())
+    if keep >= held:
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"{type(cache).__name__} exposes no layers to rewind")
+    if all(callable(getattr(layer, "crop", None)) for layer in layers):
+        cache.crop(keep - held)  # negative = drop that many
+        return
+    if any(getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None for layer in layers):
+        raise NotImplementedError("static cache layers without crop and without plain key/value buffers")
+    kept = [(layer.keys[:, :, :keep].clone(), layer.values[:, :, :keep].clone()) for layer in layers] if keep else []
+    cache.reset()
+    for i, (k, v) in enumerate(kept):
+        cache.update(k, v, i)
+    if int(cache.get_seq_length()) != keep:
+        raise NotImplementedError(f"re-prefilled static cache holds {int(cache.get_seq_length())} slots, not {keep}")
+
+
 class KVReader:
     """A KV cache over the slots last read, plus their keys [T] (CPU int64).
 
-    ``static_len > 0`` keeps the cache in a preallocated HF ``StaticCache`` of that many slots (cropping only
-    moves its write position, so buffers keep their addresses), and ``compile_decode`` runs the one-token
+    ``static_len > 0`` keeps the cache in a preallocated HF ``StaticCache`` of that many slots (rewinding it,
+    :func:`rewind_static`, keeps the buffers' addresses), and ``compile_decode`` runs the one-token
     decode step through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Any failure of either (a model
     or a transformers version without the support) logs a warning and falls back to the dynamic cache with one
     full re-read, so results never depend on the fast path being available."""
@@ -139,9 +165,7 @@ class KVReader:
             slot = per_model[self.static_len] = [StaticCache(config=self.base.model.config,
                                                              max_cache_len=self.static_len), None]
         cache = slot[0]
-        held = int(cache.get_seq_length())
-        if held:
-            cache.crop(-held)  # rewind what the last reader left: the buffers keep their addresses
+        rewind_static(cache, 0)  # rewind what the last reader left: the buffers keep their addresses
         slot[1] = weakref.ref(self)
         return cache
 
@@ -161,7 +185,7 @@ class KVReader:
                 if p == 0:
                     self.cache = self._empty()
                 elif p < self.keys.shape[0]:
-                    self.cache.crop(p - self.keys.shape[0])
+                    rewind_static(self.cache, p)
                 out = self.base.forward(embeds[None], positions[None], attention_mask=self._mask(keys.shape[0]),
                                         past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
             except Exception as e:  # noqa: BLE001 - any failure of the optional path falls back

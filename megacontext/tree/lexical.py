@@ -6,10 +6,11 @@ Index model
   continue where the index ends), so the index is a prefix of LOD0: ``num_blocks`` blocks, ``[0, num_blocks)``.
 - Postings live in immutable :class:`Segment` s, each covering a contiguous block range: ``terms [U]`` sorted
   unique ids, ``offsets [U + 1]``, and per posting ``blocks [P]`` (ascending within a term) and ``tf [P]``
-  (occurrences of the term in the block, 1..32). A new batch of blocks becomes a new segment; segments of
-  very different size are merged (like an LSM tree: the newest two merge while the older holds less than
-  ``fanout`` times the blocks of the newer), so a history of ``n`` blocks has at most ``log_fanout(n) + 1``
-  segments and each posting is rewritten O(log n) times in total.
+  (occurrences of the term in the block, 1..32); ids and blocks (relative to the segment) are kept in the
+  narrowest unsigned dtype their range allows (checked), so a posting costs 3-5 bytes. A new batch of
+  blocks becomes a new segment; segments of very different size are merged (like an LSM tree: the newest
+  two merge while the older holds less than ``fanout`` times the blocks of the newer), so a history of
+  ``n`` blocks has at most ``log_fanout(n) + 1`` segments and each posting is rewritten O(log n) times in total.
 - Queries cost O(segments * Q * log U + matches): for each segment the query terms are located by binary
   search and their posting ranges gathered with one vectorised range-gather; nothing scans the history.
 
@@ -63,16 +64,29 @@ class BM25Config(Config):
         check(self.max_postings >= 1, f"max_postings={self.max_postings} must be >= 1")
 
 
+def uint_dtype(max_value: int) -> np.dtype:
+    """The narrowest unsigned dtype (uint16, uint32, else int64) holding ``0..max_value``."""
+    for dt in (np.uint16, np.uint32):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
 @dataclass(frozen=True)
 class Segment:
-    """Immutable postings of blocks ``[first, end)`` (see module docstring)."""
+    """Immutable postings of blocks ``[first, end)`` (see module docstring). Arrays may be memory maps (read only).
+
+    Stored narrow: ``terms`` in :func:`uint_dtype` of the largest id, ``blocks`` as ``block - base`` in
+    :func:`uint_dtype` of the segment's size (``base == first``; 0 for format-1 files, which hold int64 block
+    ids), so a posting costs 3 or 5 bytes instead of 9."""
 
     first: int
     end: int
-    terms: np.ndarray  # int64 [U] sorted unique
+    terms: np.ndarray  # [U] sorted unique, uint16 / uint32 / int64
     offsets: np.ndarray  # int64 [U + 1]
-    blocks: np.ndarray  # int64 [P]
+    blocks: np.ndarray  # [P] block - base, ascending within a term, uint16 / uint32 / int64
     tf: np.ndarray  # uint8 [P]
+    base: int = 0  # global block id = blocks + base
 
     @property
     def num_blocks(self) -> int:
@@ -83,6 +97,15 @@ class Segment:
         return int(self.blocks.shape[0])
 
     @classmethod
+    def from_sorted(cls, first: int, end: int, term: np.ndarray, blocks: np.ndarray, tf: np.ndarray) -> Segment:
+        """A segment from postings sorted by (term, block): ``term`` [P] int64, global ``blocks`` [P], ``tf`` [P]."""
+        terms, starts = np.unique(term, return_index=True)
+        offsets = np.append(starts, term.shape[0]).astype(np.int64)
+        tdt = uint_dtype(int(terms[-1]) if terms.shape[0] else 0)
+        bdt = uint_dtype(max(end - first - 1, 0))
+        return cls(first, end, terms.astype(tdt), offsets, (blocks - first).astype(bdt), tf.astype(np.uint8), first)
+
+    @classmethod
     def build(cls, first: int, ids: np.ndarray) -> Segment:
         """Postings of blocks ``ids`` [n, 32] (token ids >= 0) numbered from ``first``."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1, BLOCK)
@@ -91,19 +114,25 @@ class Segment:
         keys = ids.reshape(-1) * max(n, 1) + local  # (term, block) packed; sorting keys sorts by term then block
         uniq, counts = np.unique(keys, return_counts=True)
         term, blk = np.divmod(uniq, max(n, 1))
-        terms, starts = np.unique(term, return_index=True)
-        offsets = np.append(starts, uniq.shape[0]).astype(np.int64)
-        return cls(first, first + n, terms, offsets, blk + first, counts.astype(np.uint8))
+        return cls.from_sorted(first, first + n, term, blk + first, counts)
 
     def expanded_terms(self) -> np.ndarray:
-        """The term of every posting [P]."""
-        return np.repeat(self.terms, np.diff(self.offsets))
+        """The term of every posting [P] (int64)."""
+        return np.repeat(self.terms.astype(np.int64), np.diff(self.offsets))
+
+    def global_blocks(self, idx=slice(None)) -> np.ndarray:
+        """Block ids (int64) of postings ``idx``."""
+        return self.blocks[idx].astype(np.int64) + self.base
 
     def lookup(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For query terms ``q`` [Q]: (found [Q] bool, posting start [Q], posting end [Q]) (empty where absent)."""
-        pos = np.searchsorted(self.terms, q)
-        found = pos < self.terms.shape[0]
-        found[found] = self.terms[pos[found]] == q[found]
+        """For query terms ``q`` [Q] int64 >= 0: (found [Q] bool, posting start [Q], posting end [Q]) (empty where
+        absent). ``q`` is cast to the terms' dtype (ids it cannot hold are absent), so a memory-mapped ``terms``
+        is searched in place, not converted."""
+        fits = q <= np.iinfo(self.terms.dtype).max
+        qc = np.where(fits, q, 0).astype(self.terms.dtype)
+        pos = np.searchsorted(self.terms, qc)
+        found = fits & (pos < self.terms.shape[0])
+        found[found] = self.terms[pos[found]] == qc[found]
         pos = np.where(found, pos, 0)
         start = np.where(found, self.offsets[pos], 0)
         end = np.where(found, self.offsets[np.minimum(pos + 1, self.offsets.shape[0] - 1)], 0)
@@ -111,7 +140,8 @@ class Segment:
 
 
 def merge_segments(segs: list[Segment]) -> Segment:
-    """One segment for adjacent segments (in block order); postings stay sorted by term, then block."""
+    """One segment for adjacent segments (in block order), in RAM; postings stay sorted by term, then block.
+    (Segments on disk are merged by streaming instead: :func:`megacontext.tree.lexical_file.write_merged`.)"""
     if len(segs) == 1:
         return segs[0]
     for a, b in zip(segs, segs[1:], strict=False):
@@ -119,11 +149,9 @@ def merge_segments(segs: list[Segment]) -> Segment:
             raise ValueError(f"segments [{a.first}, {a.end}) and [{b.first}, {b.end}) are not adjacent")
     term = np.concatenate([s.expanded_terms() for s in segs])
     order = np.argsort(term, kind="stable")  # stable: block order (segment order) kept within a term
-    term = term[order]
-    blocks = np.concatenate([s.blocks for s in segs])[order]
+    blocks = np.concatenate([s.global_blocks() for s in segs])[order]
     tf = np.concatenate([s.tf for s in segs])[order]
-    terms, starts = np.unique(term, return_index=True)
-    return Segment(segs[0].first, segs[-1].end, terms, np.append(starts, term.shape[0]).astype(np.int64), blocks, tf)
+    return Segment.from_sorted(segs[0].first, segs[-1].end, term[order], blocks, tf)
 
 
 def gather_ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,19 +196,21 @@ class LexicalIndex:
         keep = [s for s in self.segments if s.end <= num_blocks]
         cut = [s for s in self.segments if s.first < num_blocks < s.end]
         for s in cut:  # rare: rebuild the straddling segment's prefix from its postings
-            m = s.blocks < num_blocks
-            term = s.expanded_terms()[m]
-            terms, starts = np.unique(term, return_index=True)
-            keep.append(Segment(s.first, num_blocks, terms, np.append(starts, term.shape[0]).astype(np.int64),
-                                s.blocks[m], s.tf[m]))
+            g = s.global_blocks()
+            m = g < num_blocks
+            keep.append(Segment.from_sorted(s.first, num_blocks, s.expanded_terms()[m], g[m], s.tf[m]))
         self.segments = sorted(keep, key=lambda s: s.first)
 
     def _compact(self) -> None:
         """Merge the newest segments while the older one is less than ``fanout`` times the newer one: sizes then
         grow at least ``fanout``-fold from newest to oldest, so there are at most ``log_fanout(n) + 1``."""
-        f = self.cfg.fanout
-        while len(self.segments) >= 2 and self.segments[-2].num_blocks < f * self.segments[-1].num_blocks:
-            self.segments[-2:] = [merge_segments(self.segments[-2:])]
+        f, segs = self.cfg.fanout, self.segments
+        while len(segs) >= 2 and self._mergeable(segs[-2]) and segs[-2].num_blocks < f * segs[-1].num_blocks:
+            segs[-2:] = [merge_segments(segs[-2:])]
+
+    def _mergeable(self, seg: Segment) -> bool:
+        """Whether ``_compact`` may merge ``seg`` in RAM (a stored index merges its on-disk segments on disk)."""
+        return True
 
     # ------------------------------------------------------------------ queries
     def postings(self, q: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -196,7 +226,7 @@ class LexicalIndex:
             if seg.end > limit:  # the segment holding the limit: cut each term's range (a loop over Q terms)
                 e = e.copy()
                 for i in np.flatnonzero(e > s):
-                    e[i] = s[i] + np.searchsorted(seg.blocks[s[i]:e[i]], limit)
+                    e[i] = s[i] + np.searchsorted(seg.blocks[s[i]:e[i]], limit - seg.base)
             ranges.append((s, e))
         df = sum(e - s for s, e in ranges)  # [Q] document frequency within [0, limit)
         keep = df <= self.cfg.max_postings
@@ -206,7 +236,7 @@ class LexicalIndex:
         for seg, (s, e) in zip(segs, ranges, strict=True):
             idx, owner = gather_ranges(s[keep], e[keep])
             qn.append(np.flatnonzero(keep)[owner])
-            bl.append(seg.blocks[idx])
+            bl.append(seg.global_blocks(idx))
             tf.append(seg.tf[idx].astype(np.int64))
         return np.concatenate(qn), np.concatenate(bl), np.concatenate(tf)
 

@@ -1,9 +1,9 @@
 """The lexical index on disk, beside the level files: ``lex/`` in the store directory.
 
 Files
-- ``lex/seg_<first>_<end>.bin``: one immutable segment (see :class:`megacontext.tree.lexical.Segment`) as raw
-  little-endian arrays one after the other: ``terms`` int64 [U], ``offsets`` int64 [U + 1], ``blocks`` int64
-  [P], ``tf`` uint8 [P]. Read through a memory map, so opening costs O(segments), not O(postings).
+- ``lex/seg2_<first>_<end>.bin``: one immutable segment, layout and formats in
+  :mod:`megacontext.tree.lexical_file` (format 1, ``seg_*`` with int64 arrays, is still read; a writer
+  rewrites it). Read through read-only memory maps, so opening costs O(segments), not O(postings).
 - ``lex/index.json``: the manifest: format version, the BM25 config, ``num_blocks`` (the index covers LOD0
   blocks ``[0, num_blocks)``) and per segment its file name, range, ``U``, ``P``, byte size and CRC-32, plus a
   CRC-32 of the manifest itself. Replaced atomically (temp file, fsync, rename, fsync the directory).
@@ -18,8 +18,13 @@ Consistency with the store's commit contract
   file, or covers more blocks than LOD0 commits, is discarded and the index rebuilt from LOD0 (noted in the
   tree's ``recovery``); a manifest that covers fewer blocks than LOD0 is caught up by indexing the missing
   blocks. So an index can always be recovered from LOD0, and the cost of a normal open is the gap only.
-- ``fsck`` (:func:`check_lexical`) re-reads every segment against its CRC and re-indexes LOD0 to compare
-  postings counts; it changes nothing.
+- Memory: only segments of blocks not yet persisted live in RAM (the unflushed tail, merged there by the LSM
+  rule); :meth:`StoredLexicalIndex.persist` writes them, merging with on-disk neighbours by streaming
+  (:func:`~megacontext.tree.lexical_file.write_merged`, bounded extra memory), and replaces them by maps. A
+  (re)build from LOD0 persists every ``_PERSIST_BLOCKS`` blocks. So resident memory is O(unflushed blocks +
+  vocabulary), not O(history); mapped postings are page cache the kernel reclaims.
+- ``fsck`` (:func:`check_lexical`) re-reads every segment against its CRC (in chunks) and counts each
+  segment's postings from LOD0 in bounded chunks (distinct ids per block); it changes nothing.
 """
 
 from __future__ import annotations
@@ -35,70 +40,26 @@ import numpy as np
 from megacontext.core.lod import BLOCK
 from megacontext.tree.level_file import fsync_dir
 from megacontext.tree.lexical import BM25Config, LexicalIndex, Segment
+from megacontext.tree.lexical_file import read_segment, write_merged
 
 log = logging.getLogger(__name__)
 
 LEX_DIR = "lex"
 MANIFEST = "index.json"
-LEX_VERSION = 1
+LEX_VERSION = 2  # written; format 1 (int64 segment files) is read and rewritten by the next writer
+READ_VERSIONS = (1, 2)
 _READ_CHUNK = 8192  # blocks read from LOD0 per step when (re)building
+_PERSIST_BLOCKS = 1 << 17  # a (re)build writes its segments every this many blocks: its RAM stays bounded
 
 
 def _manifest_crc(body: dict) -> int:
     return zlib.crc32(json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True).encode())
 
 
-def _seg_name(seg: Segment) -> str:
-    return f"seg_{seg.first:012d}_{seg.end:012d}.bin"
-
-
-def _arrays(seg: Segment) -> list[np.ndarray]:
-    return [seg.terms.astype("<i8"), seg.offsets.astype("<i8"), seg.blocks.astype("<i8"), seg.tf.astype("u1")]
-
-
-def write_segment(directory: Path, seg: Segment, durable: bool) -> dict:
-    path = directory / _seg_name(seg)
-    tmp = path.with_suffix(".tmp")
-    crc = 0
-    with open(tmp, "wb") as fh:
-        for a in _arrays(seg):
-            b = np.ascontiguousarray(a).tobytes()
-            crc = zlib.crc32(b, crc)
-            fh.write(b)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return {"file": path.name, "first": seg.first, "end": seg.end, "terms": int(seg.terms.shape[0]),
-            "postings": seg.num_postings, "bytes": path.stat().st_size, "crc": crc}
-
-
-def _expected_bytes(entry: dict) -> int:
-    return 8 * (2 * entry["terms"] + 1) + 9 * entry["postings"]
-
-
-def read_segment(directory: Path, entry: dict, verify: bool = False) -> Segment:
-    """Map one segment file (``verify``: also check its CRC, reading it all)."""
-    path = directory / entry["file"]
-    size = path.stat().st_size
-    if size != _expected_bytes(entry) or size != entry["bytes"]:
-        raise ValueError(f"{path}: {size} bytes, the manifest expects {entry['bytes']}")
-    if verify and zlib.crc32(path.read_bytes()) != entry["crc"]:
-        raise ValueError(f"{path}: CRC mismatch")
-    u, p = entry["terms"], entry["postings"]
-    mm = np.memmap(path, dtype="u1", mode="r") if size else np.zeros(0, "u1")
-    parts, at = [], 0
-    for dtype, n in (("<i8", u), ("<i8", u + 1), ("<i8", p), ("u1", p)):
-        nbytes = n * np.dtype(dtype).itemsize
-        parts.append(mm[at: at + nbytes].view(dtype))
-        at += nbytes
-    return Segment(entry["first"], entry["end"], *parts)
-
-
 def read_manifest(directory: Path) -> dict:
     body = json.loads((directory / MANIFEST).read_text())
-    if body.get("format_version") != LEX_VERSION:
-        raise ValueError(f"lexical index format {body.get('format_version')!r}; this code reads {LEX_VERSION}")
+    if body.get("format_version") not in READ_VERSIONS:
+        raise ValueError(f"lexical index format {body.get('format_version')!r}; this code reads {READ_VERSIONS}")
     if body.get("checksum") != _manifest_crc(body):
         raise ValueError("manifest checksum mismatch")
     return body
@@ -137,41 +98,72 @@ class StoredLexicalIndex(LexicalIndex):
                 notes.append(f"{LEX_DIR}/{MANIFEST}: {e}; lexical index rebuilt from LOD0")
                 log.warning("%s: %s", d, notes[-1])
                 idx.segments, idx._entries, idx.persisted_blocks = [], {}, 0
-        idx.catch_up(lod0_blocks, committed)
+        idx.catch_up(lod0_blocks, committed, committed)
         if writable:
             idx.persist(committed)
         return idx, notes
 
-    def catch_up(self, lod0_blocks, end: int) -> None:
-        """Index blocks ``[num_blocks, end)`` read through ``lod0_blocks(a, b)``, in bounded chunks."""
+    def _mergeable(self, seg: Segment) -> bool:
+        return (seg.first, seg.end) not in self._entries  # on-disk segments are merged on disk, by persist
+
+    def _on_disk(self, seg: Segment) -> bool:
+        e = self._entries.get((seg.first, seg.end))
+        return e is not None and "block_dtype" in e  # format-1 files are rewritten (migrated) by a writer
+
+    def catch_up(self, lod0_blocks, end: int, committed: int = 0) -> None:
+        """Index blocks ``[num_blocks, end)`` read through ``lod0_blocks(a, b)``, in bounded chunks; a writer
+        persists every ``_PERSIST_BLOCKS`` blocks up to ``committed``, so a rebuild never holds the whole
+        index in RAM."""
+        last = self.num_blocks
         for a in range(self.num_blocks, end, _READ_CHUNK):
             b = min(a + _READ_CHUNK, end)
             self.add(a, np.asarray(lod0_blocks(a, b), dtype=np.int64).reshape(-1, BLOCK))
+            if self.writable and b <= committed and b - last >= _PERSIST_BLOCKS:
+                self.persist(b)
+                last = b
 
     def sync(self, source, persist: bool = False) -> None:
         """Index every complete block ``source`` holds (committed or pending) that is not indexed yet;
         ``persist``: then write what ``source`` (a store) has committed."""
         n = source.num_entries(0)
         if n > self.num_blocks:
-            self.catch_up(lambda a, b: source.tokens(a * BLOCK, b * BLOCK).numpy(), n)
+            self.catch_up(lambda a, b: source.tokens(a * BLOCK, b * BLOCK).numpy(), n,
+                          source.num_committed_blocks if persist else 0)
         if persist:
             self.persist(source.num_committed_blocks)
 
+    def _plan(self, segs: list[Segment]) -> list[list[Segment]]:
+        """Groups of adjacent segments to become one each, by the LSM rule of ``_compact`` on sizes alone."""
+        f, groups = self.cfg.fanout, []
+        for seg in segs:
+            groups.append([seg])
+            while len(groups) >= 2 and (groups[-2][-1].end - groups[-2][0].first
+                                        < f * (groups[-1][-1].end - groups[-1][0].first)):
+                groups[-2:] = [groups[-2] + groups[-1]]
+        return groups
+
     def persist(self, committed: int) -> None:
-        """Write the segments of committed blocks not on disk yet, then the manifest, then drop stale files."""
+        """Write the committed in-RAM segments (merged on disk with their neighbours where the LSM rule says
+        so, streaming), switch them to read-only maps, then the manifest, then drop stale files."""
         if not self.writable:
             return
         self.directory.mkdir(exist_ok=True)
-        entries = []
-        for seg in self.segments:
-            if seg.end > committed:
-                break
-            key = (seg.first, seg.end)
-            if key not in self._entries:
-                self._entries[key] = write_segment(self.directory, seg, self.durable)
-            entries.append(self._entries[key])
+        k = 0
+        while k < len(self.segments) and self.segments[k].end <= committed:
+            k += 1
+        out, changed = [], False
+        for group in self._plan(self.segments[:k]):
+            if len(group) == 1 and self._on_disk(group[0]):
+                out.append(group[0])
+                continue
+            entry = write_merged(self.directory, group, self.durable)
+            self._entries[(entry["first"], entry["end"])] = entry
+            out.append(read_segment(self.directory, entry))  # the RAM copy is dropped: postings live in page cache
+            changed = True
+        self.segments[:k] = out
+        entries = [self._entries[(s.first, s.end)] for s in out]
         n = entries[-1]["end"] if entries else 0
-        if n == self.persisted_blocks and (self.directory / MANIFEST).is_file():
+        if not changed and n == self.persisted_blocks and (self.directory / MANIFEST).is_file():
             return
         if self.durable:
             fsync_dir(self.directory)
@@ -188,8 +180,8 @@ class StoredLexicalIndex(LexicalIndex):
             fsync_dir(self.directory)
         self.persisted_blocks = n
         live = {e["file"] for e in entries}
-        self._entries = {k: e for k, e in self._entries.items() if e["file"] in live}
-        for f in self.directory.glob("seg_*"):
+        self._entries = {key: e for key, e in self._entries.items() if e["file"] in live}
+        for f in self.directory.glob("seg*"):  # seg_* (format 1), seg2_* and their .tmp files
             if f.name not in live:
                 f.unlink(missing_ok=True)
 
@@ -204,6 +196,12 @@ def open_lexical(tree) -> StoredLexicalIndex | None:
     idx, notes = StoredLexicalIndex.open(tree.root, lod0.read, lod0.count, tree.writable, tree.config.durable)
     tree.recovery += notes
     return idx
+
+
+def block_postings(ids) -> int:
+    """Postings a batch of blocks ``ids`` [n, 32] makes: the number of distinct ids in each block, summed."""
+    x = np.sort(np.asarray(ids, dtype=np.int64).reshape(-1, BLOCK), axis=1)
+    return int(x.shape[0] + (np.diff(x, axis=1) != 0).sum())
 
 
 def check_lexical(root: Path, lod0_blocks, committed: int) -> tuple[list[str], list[str], list[str]]:
@@ -221,11 +219,11 @@ def check_lexical(root: Path, lod0_blocks, committed: int) -> tuple[list[str], l
     if n > committed:
         problems.append(f"{d}: indexes {n} blocks but LOD0 commits {committed}")
         return problems, [], []
-    fresh = LexicalIndex(BM25Config.from_dict(body["bm25"]))
-    for a in range(0, n, _READ_CHUNK):
-        fresh.add(a, np.asarray(lod0_blocks(a, min(a + _READ_CHUNK, n)), dtype=np.int64).reshape(-1, BLOCK))
-    if sum(s.num_postings for s in segs) != fresh.num_postings:
-        problems.append(f"{d}: {sum(s.num_postings for s in segs)} postings, re-indexing LOD0 gives "
-                        f"{fresh.num_postings} (delete {d}: the next open rebuilds it)")
+    for seg in segs:  # postings of a segment = distinct ids per block of LOD0, counted in bounded chunks
+        want = sum(block_postings(lod0_blocks(a, min(a + _READ_CHUNK, seg.end)))
+                   for a in range(seg.first, seg.end, _READ_CHUNK))
+        if seg.num_postings != want:
+            problems.append(f"{d}: segment [{seg.first}, {seg.end}) holds {seg.num_postings} postings, LOD0 gives "
+                            f"{want} (delete {d}: the next open rebuilds it)")
     notes = [f"{LEX_DIR}: indexes {n} of {committed} committed blocks (caught up on open)"] if n < committed else []
     return problems, notes, [f"{LEX_DIR}: {len(segs)} segments, CRCs ok, {n} blocks"]
