@@ -36,22 +36,30 @@ from megacontext.tree.lexical_source import SourceIndex
 
 
 def entry_vectors_from_source(base, source, levels: Tensor, indices: Tensor) -> Tensor:
-    """[E, d] float32 entry features read through a HistorySource (vectorised per level)."""
-    d = base.d_model
-    out = torch.zeros(levels.shape[0], d, device=base.device)
-    raw = levels == 0
-    if bool(raw.any()):
-        # one tokens() read per run of adjacent raw blocks: cost follows the raw entries, not their spread
-        blocks = gather_by_runs(lambda s, e: source.tokens(s * BLOCK, e * BLOCK).reshape(-1, BLOCK),
-                                indices[raw].cpu().long())  # [n0, 32]
-        mean = base.embed(blocks.to(base.device)).float().mean(1)  # [n0, d]
-        out[raw.to(base.device)] = mean * (base.embed_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-    top = int(levels.max()) if levels.numel() else 0  # levels above 2 (LOD3+) are read like any gist
-    for level in range(1, top + 1):
-        m = levels == level
-        if bool(m.any()):
-            out[m.to(base.device)] = source.gather_gists(level, indices[m]).float().to(base.device)
-    return out
+    """[E, d] float32 entry features read through a HistorySource (vectorised per level).
+
+    The bookkeeping runs on the CPU (where the WC lives); the device gets the raw blocks' token ids, the gists
+    (one copy for every level) and one permutation, and no boolean-mask assignment, so no host sync."""
+    lv, ix = levels.cpu().long(), indices.cpu().long()
+    if lv.numel() == 0:
+        return torch.zeros(0, base.d_model, device=base.device)
+    order = torch.argsort(lv, stable=True)  # [E] entries grouped by level, in time order within a level
+    parts, gists, start = [], [], 0
+    for level, count in enumerate(torch.bincount(lv).tolist()):  # levels above 2 (LOD3+) read like any gist
+        sel = order[start:start + count]
+        start += count
+        if not count:
+            continue
+        if level == 0:  # one tokens() read per run of adjacent raw blocks: cost follows the raw entries
+            blocks = gather_by_runs(lambda s, e: source.tokens(s * BLOCK, e * BLOCK).reshape(-1, BLOCK), ix[sel])
+            mean = base.embed(blocks.to(base.device)).float().mean(1)  # [n0, d]
+            parts.append(mean * (base.embed_norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6)))
+        else:
+            gists.append(source.gather_gists(level, ix[sel]))  # [n_l, d] CPU
+    if gists:
+        parts.append(torch.cat(gists).float().to(base.device))
+    feats = torch.cat(parts) if len(parts) > 1 else parts[0]  # [E, d] in ``order``
+    return torch.empty_like(feats).index_copy_(0, order.to(base.device), feats)
 
 
 class LensPolicy:
