@@ -114,9 +114,24 @@ def one_pass(base, ids, args, store: Path, count: bool) -> dict:
         else:
             lens_ms: list[dict] = []
             rec = eng._record
+            net_ms = [0.0]
+            net_forward = eng.policy.net.forward
+
+            def timed_net(*a, **kw):  # the network's share of the lens stage (the rest is feature assembly)
+                t = time.perf_counter()
+                try:
+                    return net_forward(*a, **kw)
+                finally:
+                    if base.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    net_ms[0] += (time.perf_counter() - t) * 1e3
+            eng.policy.net.forward = timed_net
 
             def record(phase):
-                lens_ms.append({k: v for k, v in eng.timer._acc.items() if k in ("lens", "allocate")})
+                row = {k: v for k, v in eng.timer._acc.items() if k in ("lens", "allocate")}
+                row["net"], net_ms[0] = net_ms[0], 0.0
+                row["lens_without_net"] = row["lens"] - row["net"]
+                lens_ms.append(row)
                 return rec(phase)
             eng._record = record
             t0 = time.perf_counter()
@@ -155,7 +170,8 @@ def main() -> None:
     rounds = counted.pop("rounds")
     keys = sorted({k for r in rounds for k in r})
     med = {k: statistics.median(r.get(k, 0) for r in rounds) for k in keys}
-    ms = {k: statistics.median(r[k] for r in timed["round_ms"] if k in r) for k in ("lens", "allocate")}
+    ms = {k: statistics.median(r[k] for r in timed["round_ms"] if k in r)
+          for k in ("lens", "net", "lens_without_net", "allocate")}
     res = {"command": "python " + " ".join(sys.argv), "commit": args.commit or git_commit(REPO),
            "machine": machine(base.device), "reference": args.reference, "rounds": len(rounds),
            "median_ms_per_round": ms, "median_counts_per_round": med,

@@ -73,6 +73,7 @@ class LensPolicy:
         self._table = EntryTable(lambda src, lv, ix: entry_vectors_from_source(base, src, lv, ix), base.d_model,
                                  base.device)
         self._memo: tuple | None = None  # (inputs, scores, targets) of the last call
+        self._params = list(net.parameters())  # walked once: net.parameters() costs ~1 ms per call
         self.tail_tokens = tail_tokens or net.cfg.tail_tokens
         self.query_tokens = self.tail_tokens  # the engine's streaming query is exactly the tail LensNet reads
         self.lexical = bool(net.cfg.lexical_features)
@@ -84,9 +85,12 @@ class LensPolicy:
         net, _ = LensNet.load(directory, base)
         return cls(net, base)
 
-    def _net_version(self) -> int:
-        """Changes whenever a parameter is modified in place (an optimiser step), so memoised scores expire."""
-        return sum(p._version for p in self.net.parameters())
+    def _net_version(self) -> tuple:
+        """Changes whenever a parameter is modified in place (an optimiser step, ``load_state_dict``) or moved
+        (``.to()``, ``.half()``), so memoised scores expire."""
+        first = self._params[0] if self._params else None
+        return (sum(p._version for p in self._params), first.data_ptr() if first is not None else 0,
+                first.dtype if first is not None else None)
 
     def _same_inputs(self, source, num_tokens: int, levels: Tensor, indices: Tensor, query: Tensor) -> bool:
         """Whether this call's inputs equal the memoised call's (tensors compared on the CPU, where the WC lives)."""
