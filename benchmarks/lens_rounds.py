@@ -1,18 +1,24 @@
-"""Anatomy of the learned focus's rounds during a read: milliseconds, tensor ops and host syncs per round.
+"""Anatomy of the learned focus's rounds during a read: milliseconds, tensor ops, syncs and copies per round.
 
     python benchmarks/lens_rounds.py --device cpu --history-tokens 30000 --w-max 2048 --score-tokens 256 \
         --out docs/results/lens_rounds_cpu
     python benchmarks/lens_rounds.py --device cuda --history-tokens 60000 --w-max 2048 --score-tokens 1024 \
         --out docs/results/lens_rounds_gpu
 
-A focus round on a GPU is bound by dispatch (a few hundred small kernels, copies and syncs), not arithmetic,
-so besides wall time this counts, per round, the ATen ops the round dispatches, its host syncs
-(``aten._local_scalar_dense``: ``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``) and its device copies
-(``aten._to_copy`` / ``aten.copy_`` between devices), split into the lens (``policy.scores``) and the allocator
-(``wc.refocus``). Two passes over fresh stores: one timed (the engine's stage timer, medians over the score
-call's rounds), one counted (a ``TorchDispatchMode``, which slows what it watches). ``--reference``
-scores with ``LensPolicy(cache=False)`` (every round recomputes every entry feature), which must give the same
-NLL and the same final tiling. Writes ``OUT.json`` and prints a summary.
+A focus round does little arithmetic (a two-layer network over a few hundred entries), so on a GPU its time
+goes to dispatch: hundreds of small kernels, copies and syncs (engine_speed.md: ~11 ms per round on an H200).
+Besides wall time this therefore counts, per round, split into the lens (``policy.scores``) and the allocator
+(``wc.refocus``):
+- ``ops``: ATen ops dispatched;
+- ``scalar_reads``: ``aten._local_scalar_dense`` (``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``), a host
+  sync only where the tensor lives on a device;
+- ``device_syncs``: scalar reads, ``nonzero`` and boolean-mask indexing of tensors on a device;
+- ``h2d`` / ``d2h``: copies between the host and a device.
+On a CPU run only ``ops`` and ``scalar_reads`` can be non-zero. Two passes over fresh stores: one timed (the
+engine's stage timer, medians over the score call's rounds, with the network's own time split off), one
+counted (a ``TorchDispatchMode``, which slows what it watches). ``--reference`` scores with
+``LensPolicy(cache=False)`` (no entry table, no memo), which must give the same NLL and final tiling
+(``nll_sum``, ``tiling_crc``). Writes ``OUT.json`` and prints a summary.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ from megacontext.wc.working_context import WorkingContextConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+# ops that wait for the device when their input lives there (a boolean-mask index goes through nonzero)
+_SYNCING = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique2"}
+_INDEXING = {"aten.index", "aten.index_put", "aten.index_put_"}
+
+
 class OpCounter(TorchDispatchMode):
     """Counts dispatched ATen ops into ``self.bucket`` (a Counter chosen by the caller), syncs and copies."""
 
@@ -52,14 +63,20 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self.bucket is not None:
             name = str(func.overloadpacket)
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            on_device = first is not None and first.device.type != "cpu"
             self.bucket["ops"] += 1
             if name == "aten._local_scalar_dense":
-                self.bucket["syncs"] += 1
-            elif name in ("aten._to_copy", "aten.copy_"):
-                src = args[-1] if name == "aten.copy_" else args[0]
-                dst = out if name == "aten._to_copy" else args[0]
+                self.bucket["scalar_reads"] += 1  # .item() / int() / bool() / .tolist(): a sync when on a device
+            masked = name in _INDEXING and len(args) > 1 and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+            if on_device and (name in _SYNCING or masked):
+                self.bucket["device_syncs"] += 1
+            if name in ("aten._to_copy", "aten.copy_"):
+                src = args[1] if name == "aten.copy_" else first
+                dst = first if name == "aten.copy_" else out
                 if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device != dst.device:
-                    self.bucket["device_copies"] += 1
+                    self.bucket["h2d" if dst.device.type != "cpu" else "d2h"] += 1
         return out
 
 
