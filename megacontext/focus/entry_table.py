@@ -1,22 +1,27 @@
-"""A per-history table of LensNet's entry features, so a focus round reads only the entries it has not seen.
+"""A per-history table of LensNet's entry features, so a focus round computes only the entries it has not seen.
 
 LensNet's input for a working-context entry depends only on what the entry holds: an LOD0 block's
 norm-rescaled mean token embedding, or a gist's vector (:func:`megacontext.focus.lens.entry_vectors_from_source`).
 Both are fixed once the block is complete, because a history only grows. Successive focus rounds of one read
-(one per 32 tokens, plus the settle and prompt rounds) tile nearly the same entries, so recomputing every
-entry's feature each round re-reads the store, re-embeds every raw block and copies everything to the device
-again (about 190 tensor ops and 10 host syncs per round at ~600 entries; what limits a round on a GPU is
-this dispatch, not arithmetic). :class:`EntryTable` keeps the features already computed in one device tensor,
-addressed by ``(level, index)``, and computes only the missing rows with the same function; a round then
-costs one gather plus the work on the few new entries (new blocks, fresh collapses and expansions).
+(one per 32 tokens, plus the settle and prompt rounds) tile nearly the same entries (typically 98% of them
+repeat), so recomputing every entry's feature each round re-reads the store, re-embeds every raw block and
+copies everything to the device again (about 190 tensor ops per round at ~600 entries; on a GPU a round is
+bound by such dispatch, not by arithmetic). :class:`EntryTable` keeps the features already computed in one
+device tensor and computes only the missing rows with the same function; a round then costs one lookup and
+one gather plus the work on the few new entries (new blocks, fresh collapses and expansions).
+
+Layout: ``keys [R]`` (``level * 2^40 + index``, sorted, CPU) with the row of each key ``slots [R]`` (CPU), and the
+rows ``[capacity, d]`` on the device. A lookup is one ``searchsorted``; new rows are appended. Memory stays
+bounded: when the rows would pass ``max(min_rows, rows_per_entry * E)``, the table is compacted to the rows of
+the current call's entries.
 
 Invariants
 - A row holds exactly what :func:`entry_vectors_from_source` gave for that entry (computed by it, on a subset
   of the entries; on the CPU this is bit-identical to the full batch: tested).
 - The table belongs to one history object (held by a weak reference) whose length never shrank; another
-  object, a shorter history or a different base resets it, so no stale row is ever read.
-- The entry levels and indices stay on the CPU for the bookkeeping (the engine's WC lives there); only the
-  features and one gather index go to the device, so the lookup itself needs no device sync.
+  object or a shorter history resets it, so no stale row is ever read.
+- The bookkeeping stays on the CPU (where the engine's WC lives); only the features and one gather index go to
+  the device, so a lookup needs no device sync.
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-_MIN_ROWS = 256  # smallest region reserved for a level
-
+_LEVEL_KEY = 1 << 40  # key of an entry: level * 2^40 + index (indices stay far below 2^40)
 
 
 class EntryTable:
@@ -37,17 +41,21 @@ class EntryTable:
     ``compute(source, levels, indices) -> [n, d]`` is the reference feature function (run on the missing entries
     only)."""
 
-    def __init__(self, compute: Callable[[object, Tensor, Tensor], Tensor], d_model: int, device: torch.device):
-        self.compute, self.d, self.device = compute, d_model, device
+    def __init__(self, compute: Callable[[object, Tensor, Tensor], Tensor], d_model: int, device: torch.device,
+                 min_rows: int = 4096, rows_per_entry: int = 4):
+        if min_rows < 1 or rows_per_entry < 1:
+            raise ValueError(f"min_rows={min_rows} and rows_per_entry={rows_per_entry} must be >= 1")
+        self.compute, self.d, self.device = compute, d_model, torch.device(device)
+        self.min_rows, self.rows_per_entry = min_rows, rows_per_entry
         self._owner: weakref.ref | None = None
         self._num_tokens = 0
         self.reset()
 
     def reset(self) -> None:
-        self._rows = torch.zeros(0, self.d, device=self.device)  # [R, d] float32
-        self._valid = torch.zeros(0, dtype=torch.bool)  # [R] CPU: which rows hold a feature
-        self._start = torch.zeros(1, dtype=torch.long)  # [L] first row of each level's region
-        self._cap: list[int] = [0]  # rows reserved per level
+        self._keys = torch.zeros(0, dtype=torch.long)  # [R] sorted
+        self._slots = torch.zeros(0, dtype=torch.long)  # [R] row of each key
+        self._rows = torch.zeros(0, self.d, device=self.device)  # [capacity, d] float32
+        self._used = 0  # rows [0, used) are filled
         self.hits = self.misses = 0  # entries read from the table / computed, since the last reset
 
     def _bind(self, source) -> None:
@@ -62,26 +70,38 @@ class EntryTable:
                 self._owner = None
         self._num_tokens = n
 
-    def _reserve(self, levels: Tensor, indices: Tensor) -> None:
-        """Grow the level regions (to powers of two, so growth is rare) until every entry has a row."""
-        top = int(levels.max())
-        n_lv = max(len(self._cap), top + 1)
-        need = torch.zeros(top + 1, dtype=torch.long).scatter_reduce(0, levels, indices + 1, "amax").tolist()
-        need += [0] * (n_lv - len(need))
-        cap = self._cap + [0] * (n_lv - len(self._cap))
-        if all(nd <= c for nd, c in zip(need, cap, strict=True)):
-            return
-        new_cap = [c if nd <= c else max(_MIN_ROWS, 1 << (nd - 1).bit_length())
-                   for nd, c in zip(need, cap, strict=True)]
-        new_start = torch.tensor([0, *new_cap[:-1]]).cumsum(0)  # [L]
-        rows = torch.zeros(sum(new_cap), self.d, device=self.device)
-        valid = torch.zeros(sum(new_cap), dtype=torch.bool)
-        for lv, c in enumerate(self._cap):  # move each old region to its new place (one per level: a handful)
-            if c:
-                dst, src = int(new_start[lv]), int(self._start[lv])
-                rows[dst:dst + c] = self._rows[src:src + c]
-                valid[dst:dst + c] = self._valid[src:src + c]
-        self._rows, self._valid, self._start, self._cap = rows, valid, new_start, new_cap
+    def _lookup(self, key: Tensor) -> Tensor:
+        """Row of each key [E] (CPU), -1 where the table has none."""
+        r = self._keys.shape[0]
+        if r == 0:
+            return torch.full_like(key, -1)
+        pos = torch.searchsorted(self._keys, key).clamp(max=r - 1)
+        return torch.where(self._keys[pos] == key, self._slots[pos], -1)
+
+    def _store(self, keys: Tensor, rows: Tensor) -> Tensor:
+        """Append ``rows`` [m, d] (device) under unique ``keys`` [m]; returns their rows [m] (CPU)."""
+        m = keys.shape[0]
+        need = self._used + m
+        if need > self._rows.shape[0]:  # grow geometrically: amortised O(1) copies per row
+            grown = torch.zeros(max(2 * self._rows.shape[0], need, 256), self.d, device=self.device)
+            grown[:self._used] = self._rows[:self._used]
+            self._rows = grown
+        self._rows[self._used:need] = rows
+        slots = torch.arange(self._used, need)
+        self._used = need
+        all_keys = torch.cat([self._keys, keys])
+        order = torch.argsort(all_keys)
+        self._keys, self._slots = all_keys[order], torch.cat([self._slots, slots])[order]
+        return slots
+
+    def _compact(self, keep_keys: Tensor, keep_rows: Tensor) -> Tensor:
+        """Keep only rows ``keep_rows`` [h] (under ``keep_keys``); returns their new rows [h]."""
+        kept = self._rows.index_select(0, keep_rows.to(self.device))  # [h, d]
+        self._keys = torch.zeros(0, dtype=torch.long)
+        self._slots = torch.zeros(0, dtype=torch.long)
+        self._rows = torch.zeros(0, self.d, device=self.device)
+        self._used = 0
+        return self._store(keep_keys, kept) if keep_keys.numel() else keep_rows
 
     def get(self, source, levels: Tensor, indices: Tensor) -> Tensor:
         """Features [E, d] (float32, on the table's device) of entries ``(levels, indices)`` of ``source``."""
@@ -89,16 +109,18 @@ class EntryTable:
         if levels.numel() == 0:
             return torch.zeros(0, self.d, device=self.device)
         lv, ix = levels.cpu().long(), indices.cpu().long()
-        self._reserve(lv, ix)
-        row = self._start[lv] + ix  # [E] CPU
-        miss = (~self._valid[row]).nonzero().flatten()  # [m] CPU
-        n_miss = miss.numel()
-        if n_miss:
-            got = self.compute(source, lv[miss], ix[miss]).float().to(self.device)  # [m, d]
-            dst = row[miss]
-            self._rows.index_copy_(0, dst.to(self.device), got)
-            self._valid[dst] = True
-        self.misses += n_miss
-        self.hits += lv.numel() - n_miss
+        key = lv * _LEVEL_KEY + ix  # [E]
+        row = self._lookup(key)  # [E] CPU, -1 = missing
+        hit = row >= 0
+        miss_keys, inverse = torch.unique(key[~hit], return_inverse=True)  # an entry set may repeat (not a tiling)
+        m = miss_keys.shape[0]
+        if m:
+            if self._used + m > max(self.min_rows, self.rows_per_entry * key.shape[0]):
+                hit_keys, first = torch.unique(key[hit], return_inverse=True)
+                new = self._compact(hit_keys, torch.zeros_like(hit_keys).scatter_(0, first, row[hit]))
+                row[hit] = new[first]
+            got = self.compute(source, miss_keys // _LEVEL_KEY, miss_keys % _LEVEL_KEY).float().to(self.device)
+            row[~hit] = self._store(miss_keys, got)[inverse]
+        self.misses += m
+        self.hits += int(hit.sum())
         return self._rows.index_select(0, row.to(self.device))  # [E, d]
-

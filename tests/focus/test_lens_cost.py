@@ -39,16 +39,18 @@ def _engine(base, tmp_path, name: str, cache: bool, net: LensNet, w_max: int = 3
     return Engine(base, tree, cfg, policy=LensPolicy(net, base, cache=cache))
 
 
-def test_entry_table_rows_equal_the_reference_features(tiny_base):
+@pytest.mark.parametrize("min_rows", [4096, 8])  # 8: the table compacts itself most rounds
+def test_entry_table_rows_equal_the_reference_features(tiny_base, min_rows):
     hist = InMemoryHistory(_ids(40 * BLOCK * 32), MeanPoolCompressor.from_base(tiny_base), gist_dtype="float32")
     table = EntryTable(lambda s, lv, ix: entry_vectors_from_source(tiny_base, s, lv, ix), tiny_base.d_model,
-                       tiny_base.device)
+                       tiny_base.device, min_rows=min_rows, rows_per_entry=1)
     g = torch.Generator().manual_seed(1)
     for _ in range(6):  # overlapping entry sets, as successive focus rounds see them
         lv = torch.randint(0, 3, (50,), generator=g)
         limit = torch.tensor([hist.num_tokens // BLOCK, hist.num_tokens // BLOCK, hist.num_tokens // BLOCK ** 2])
         ix = (torch.rand(50, generator=g) * limit[lv]).long()
         assert torch.equal(table.get(hist, lv, ix), entry_vectors_from_source(tiny_base, hist, lv, ix))
+        assert table._used <= max(min_rows, 50) + 50  # bounded: compacted to the current entries before growing
     assert table.hits > 0 and table.misses > 0
     # another history object resets the table: no row of the first history is served for it
     other = InMemoryHistory(_ids(4 * BLOCK * 32, seed=5), MeanPoolCompressor.from_base(tiny_base),
