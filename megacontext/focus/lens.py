@@ -128,7 +128,8 @@ class LensPolicy:
                 ref = weakref.ref(source)
             except TypeError:  # a source without weak references is never memoised
                 ref = None
-            key = (ref, num_tokens, levels, indices, query, self._net_version())
+            # copies: a caller may refill its query (or index) buffer in place before the next call
+            key = (ref, num_tokens, levels.clone(), indices.clone(), query.clone(), self._net_version())
             self._memo = (key, out, self.last_targets) if ref is not None else None
         return out
 

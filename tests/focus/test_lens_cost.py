@@ -97,10 +97,15 @@ def test_memo_skips_the_network_only_for_identical_inputs(tiny_base):
     assert torch.equal(a, b) and len(calls) == 1
     pol.score_entries(hist, hist.num_tokens, wc.levels, wc.indices, hist.tokens(2901, 2933))  # another query
     assert len(calls) == 2
+    buf = hist.tokens(2800, 2832)
+    pol.score_entries(hist, hist.num_tokens, wc.levels, wc.indices, buf)
+    buf.copy_(hist.tokens(2901, 2933))  # a caller refilling its query buffer in place gets fresh scores
+    pol.score_entries(hist, hist.num_tokens, wc.levels, wc.indices, buf)
+    assert len(calls) == 4
     with torch.no_grad():
         net.head_out.bias.add_(1.0)  # a changed network (an optimiser step) is never served stale scores
     c = pol.score_entries(hist, hist.num_tokens, wc.levels, wc.indices, hist.tokens(2901, 2933))
-    assert len(calls) == 3 and not torch.equal(c, a)
+    assert len(calls) == 5 and not torch.equal(c, a)
 
 
 def test_trimmed_lensnet_forward_matches_the_full_computation(tiny_base):
