@@ -125,6 +125,32 @@ def test_trimmed_lensnet_forward_matches_the_full_computation(tiny_base):
     x = (torch.randn(1, 9, tiny_base.d_model), torch.randint(0, 3, (1, 9)), torch.rand(1, 9) * 1e3,
          torch.ones(1, 9, dtype=torch.bool), torch.randn(1, 32, tiny_base.d_model))
     assert torch.equal(net(*x), net(*x))  # the kept features give what fresh ones gave
+    assert torch.equal(net(*x), _untrimmed_forward(net, *x))
+
+
+def _untrimmed_forward(net: LensNet, entries, levels, ages, entry_mask, tail) -> torch.Tensor:
+    """LensNet's forward as it was before the trims: masks per attention, fresh tail age features, and every
+    layer's tail MLP run (no lexical input here: the network gets zeros for it either way)."""
+    import torch.nn.functional as F
+
+    def attend(att, x, y, key_mask):
+        return att(x, y, key_attn_mask(key_mask))  # the mask as each attention used to make it for itself
+
+    b, t = tail.shape[:2]
+    tail_mask = torch.ones(b, t, dtype=torch.bool)
+    tail_ages = (t - 1 - torch.arange(t)).expand(b, t)
+    e = (net.entry_in(net.in_norm(entries)) + net.level_embed(levels.clamp(0, 2))
+         + net.entry_age(age_encoding(ages, net.cfg.age_features)))
+    e = e + net.lex_in(entries.new_zeros(*entries.shape[:2], 3))
+    h = net.tail_in(net.in_norm(tail)) + net.tail_age(age_encoding(tail_ages, net.cfg.age_features))
+    for layer in net.layers:
+        h = h + attend(layer.tail_reads, layer.n_tail(h), layer.n_ent_kv(e), entry_mask)
+        e = e + attend(layer.entries_read, layer.n_ent_x(e), layer.n_tail_kv(h), tail_mask)
+        g = layer.n_ent_s(e)
+        e = e + attend(layer.entries_self, g, g, entry_mask)
+        e, h = e + layer.mlp_e(layer.n_mlp_e(e)), h + layer.mlp_t(layer.n_mlp_t(h))
+    s = net.head_out(F.silu(net.head_hidden(net.head_norm(e)))).squeeze(-1).float()
+    return s.masked_fill(~entry_mask, 0.0)
 
 
 @pytest.mark.parametrize("scale", [0.0, 3.0])
