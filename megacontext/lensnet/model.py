@@ -85,6 +85,12 @@ def age_encoding(ages: Tensor, n_freq: int) -> Tensor:
     return torch.cat([x.unsqueeze(-1), ang.sin(), ang.cos()], dim=-1)
 
 
+def key_attn_mask(key_mask: Tensor) -> Tensor:
+    """[B, Tk] bool key mask -> [B, 1, 1, Tk] attention mask. A row with no valid key would give NaN, so it sees
+    every key instead (its output is masked downstream)."""
+    return (key_mask | ~key_mask.any(dim=1, keepdim=True))[:, None, None, :]
+
+
 class _Attention(nn.Module):
     """Multi-head attention of queries ``x [B, Tq, w]`` over keys/values ``y [B, Tk, w]`` with a key mask."""
 
@@ -95,14 +101,13 @@ class _Attention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, attn_mask: Tensor) -> Tensor:
+        """``attn_mask`` [B, 1, 1, Tk] bool from :func:`key_attn_mask` (made once per forward, shared by layers)."""
         b, tq, w = x.shape
         tk, hd = y.shape[1], w // self.heads
         q = self.q(x).view(b, tq, self.heads, hd).transpose(1, 2)  # [B, h, Tq, hd]
         k, v = self.kv(y).view(b, tk, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # [B, h, Tk, hd] each
-        # a row with no valid key would give NaN; let it see everything (its output is masked downstream)
-        mask = key_mask | ~key_mask.any(dim=1, keepdim=True)  # [B, Tk]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(a.transpose(1, 2).reshape(b, tq, w))  # [B, Tq, w]
 
@@ -118,12 +123,16 @@ class _DualLayer(nn.Module):
         self.n_mlp_e, self.n_mlp_t = nn.RMSNorm(width), nn.RMSNorm(width)
         self.mlp_e, self.mlp_t = SwiGLU(width, hidden, dropout), SwiGLU(width, hidden, dropout)
 
-    def forward(self, e: Tensor, t: Tensor, e_mask: Tensor, t_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, e: Tensor, t: Tensor, e_mask: Tensor, t_mask: Tensor, last: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        """Masks as from :func:`key_attn_mask`. ``last``: the tail's MLP update is skipped, since nothing reads
+        the tail after the last layer (the returned tail is then the attention-updated one)."""
         t = t + self.tail_reads(self.n_tail(t), self.n_ent_kv(e), e_mask)  # [B, T, w]
         e = e + self.entries_read(self.n_ent_x(e), self.n_tail_kv(t), t_mask)  # [B, E, w]
         h = self.n_ent_s(e)
         e = e + self.entries_self(h, h, e_mask)
-        return e + self.mlp_e(self.n_mlp_e(e)), t + self.mlp_t(self.n_mlp_t(t))
+        e = e + self.mlp_e(self.n_mlp_e(e))
+        return e, (t if last else t + self.mlp_t(self.n_mlp_t(t)))
 
 
 class LensNet(nn.Module):
@@ -151,6 +160,16 @@ class LensNet(nn.Module):
         nn.init.normal_(self.level_embed.weight, std=0.02)
         nn.init.zeros_(self.head_out.weight)  # untrained == neutral (see module docstring)
         nn.init.zeros_(self.head_out.bias)
+        self._tail_feat: tuple | None = None  # (shape key, features) of the last tail (see _tail_age_features)
+
+    def _tail_age_features(self, b: int, t: int, dev: torch.device, dt: torch.dtype) -> Tensor:
+        """Age features [B, T, F] of the tail's slots (the last slot is the newest token, age 0). They depend on
+        the shape only, so the last ones are kept: one focus round after another reads the same tail length."""
+        key = (b, t, dev, dt)
+        if self._tail_feat is None or self._tail_feat[0] != key:
+            tail_ages = (t - 1 - torch.arange(t, device=dev)).expand(b, t)  # [B, T]
+            self._tail_feat = (key, age_encoding(tail_ages, self.cfg.age_features).to(dt))
+        return self._tail_feat[1]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -178,8 +197,6 @@ class LensNet(nn.Module):
         if tail_mask is None:
             tail_mask = torch.ones(b, t, dtype=torch.bool, device=dev)
         tail_mask = tail_mask.to(dev, torch.bool)
-        # the tail's own ages: the last tail slot is the newest token (age 0)
-        tail_ages = (t - 1 - torch.arange(t, device=dev)).expand(b, t)  # [B, T]
         e = (self.entry_in(self.in_norm(entries)) + self.level_embed(levels.clamp(0, NET_LEVELS))
              + self.entry_age(age_encoding(ages, self.cfg.age_features).to(dt)))  # [B, E, w]
         if self.lex_in is not None:  # absent features (e.g. a source without an index) read as "no match"
@@ -187,9 +204,10 @@ class LensNet(nn.Module):
             if lex.shape != (*entries.shape[:2], self.cfg.lexical_features):
                 raise ValueError(f"lexical must be [B, E, {self.cfg.lexical_features}], got {tuple(lex.shape)}")
             e = e + self.lex_in(lex.to(dev, dt))  # [B, E, w]
-        h = self.tail_in(self.in_norm(tail)) + self.tail_age(age_encoding(tail_ages, self.cfg.age_features).to(dt))
-        for layer in self.layers:
-            e, h = layer(e, h, entry_mask, tail_mask)
+        h = self.tail_in(self.in_norm(tail)) + self.tail_age(self._tail_age_features(b, t, dev, dt))  # [B, T, w]
+        e_attn, t_attn = key_attn_mask(entry_mask), key_attn_mask(tail_mask)  # made once, read by every layer
+        for i, layer in enumerate(self.layers):
+            e, h = layer(e, h, e_attn, t_attn, last=i == len(self.layers) - 1)
         s = self.head_out(F.silu(self.head_hidden(self.head_norm(e)))).squeeze(-1).float()  # [B, E]
         return s.masked_fill(~entry_mask, 0.0)
 

@@ -31,6 +31,7 @@ Policy (greedy by priority, pure tensor code, one host sync for the rebuild):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -74,7 +75,9 @@ class AllocatorConfig(Config):
 @dataclass
 class StepTelemetry:
     """What one allocator step did. Tensor fields are 0-dim and stay on the device (no sync);
-    :meth:`as_dict` converts them for logging."""
+    :meth:`as_dict` converts them for logging. The derived statistics (``swap_rate``, ``utilisation``,
+    ``residency_changed``, ``residency_by_level``) are computed on first access from the step's inputs and
+    outputs, so a caller that only counts actions (the engine, every focus round) pays nothing for them."""
 
     expand: Tensor  # [E_before] bool: entries expanded this step
     collapse: Tensor  # [E_before] bool: LOD0 blocks collapsed, or first entries of merged LOD1 runs
@@ -83,10 +86,38 @@ class StepTelemetry:
     n_expand: Tensor
     n_collapse: Tensor
     n_deep: Tensor  # extra expansions made by multi-level moves (beyond the first level of each)
-    swap_rate: Tensor  # changed 32-token blocks / complete blocks
-    utilisation: Tensor  # cost after the step / w_max
-    residency_changed: Tensor  # mean steps the changed entries had spent at their level (nan if none)
-    residency_by_level: Tensor  # [MAX_LEVEL + 1] mean age of entries at each LOD after the step (nan where absent)
+    born_before: Tensor  # [E_before] the step each entry took its level, before this step
+    after: EntryState  # the tiling after the step
+    step: int
+    w_max: int
+    tail_cost: int
+
+    @cached_property
+    def swap_rate(self) -> Tensor:
+        """Changed 32-token blocks / complete blocks."""
+        lv = self.levels_before
+        blocks = (span_tensor(lv) // BLOCK).sum().clamp(min=1)
+        return changed_blocks(lv, self.expand, self.collapse) / blocks
+
+    @cached_property
+    def utilisation(self) -> Tensor:
+        """Cost after the step / w_max."""
+        cost_before = cost_tensor(self.levels_before).sum() + self.tail_cost
+        return (cost_before + ACTION_COST * (self.n_expand + self.n_deep - self.n_collapse)) / self.w_max
+
+    @cached_property
+    def residency_changed(self) -> Tensor:
+        """Mean steps the changed entries had spent at their level (nan if none changed, by design)."""
+        changed = self.expand | self.collapse
+        age = (self.step - self.born_before).float()
+        return (age * changed).sum() / changed.sum()
+
+    @cached_property
+    def residency_by_level(self) -> Tensor:
+        """[MAX_LEVEL + 1] mean age of the entries at each LOD after the step (nan where absent)."""
+        new_age = (self.step - self.after.born).float()
+        onehot = torch.nn.functional.one_hot(self.after.levels, MAX_LEVEL + 1).float()  # [E', MAX_LEVEL + 1]
+        return (new_age[:, None] * onehot).sum(0) / onehot.sum(0)
 
     def actions(self) -> list[tuple[str, int, int]]:
         """(kind, level, index) of every action, in time order (syncs; for logs and tests)."""
@@ -199,30 +230,26 @@ def allocate(scores: Tensor, state: EntryState, *, w_max: int, tail_cost: int, p
         raise ValueError(f"scores must have shape [E]={tuple(state.levels.shape)} (one per entry), "
                          f"got {tuple(scores.shape)}")
     lv = state.levels
-    cost_before = cost_tensor(lv).sum() + tail_cost
     if targets is not None and targets.shape != lv.shape:
         raise ValueError(f"targets must have shape [E]={tuple(lv.shape)}, got {tuple(targets.shape)}")
     expand, collapse, depth = choose_actions(scores, state, w_max=w_max, tail_cost=tail_cost,
                                              protected_from=protected_from, step=step, cfg=cfg, targets=targets)
     n_expand, n_collapse = expand.sum(), collapse.sum()
-    new = apply_actions(state, expand, collapse, step)
     n_deep = (depth - 1).clamp(min=0).sum()
-    if targets is not None and cfg.deep:
-        deep = depth > 1
-        new = deepen(new, targets.to(lv.device)[deep], depth[deep], step)
-
-    changed = expand | collapse
-    age = (step - state.born).float()
-    residency_changed = (age * changed).sum() / changed.sum()  # nan when nothing changed, by design
-    new_age = (step - new.born).float()
-    onehot = torch.nn.functional.one_hot(new.levels, MAX_LEVEL + 1).float()  # [E', MAX_LEVEL + 1]
-    per_level = (new_age[:, None] * onehot).sum(0) / onehot.sum(0)  # nan for absent levels
-    blocks = (span_tensor(lv) // BLOCK).sum().clamp(min=1)
-    cost_after = cost_before + ACTION_COST * (n_expand + n_deep - n_collapse)
+    # one host sync for both: whether anything moves, and the rebuilt tiling's entry count (31 more per
+    # expansion of a level >= 2, 31 fewer per run collapse)
+    moves, num_out = torch.stack([n_expand + n_collapse, len(state) + ACTION_COST * (
+        (expand & (lv >= 2)).sum() - (collapse & (lv >= 1)).sum())]).tolist()
+    if moves == 0:  # nothing to do: the rebuild would reproduce the tiling exactly
+        new = state
+    else:
+        new = apply_actions(state, expand, collapse, step, num_out=num_out)
+        if targets is not None and cfg.deep:
+            deep = depth > 1
+            new = deepen(new, targets.to(lv.device)[deep], depth[deep], step)
     tel = StepTelemetry(
         expand=expand, collapse=collapse, levels_before=lv, indices_before=state.indices,
-        n_expand=n_expand, n_collapse=n_collapse, n_deep=n_deep,
-        swap_rate=changed_blocks(lv, expand, collapse) / blocks,
-        utilisation=cost_after / w_max, residency_changed=residency_changed, residency_by_level=per_level,
+        n_expand=n_expand, n_collapse=n_collapse, n_deep=n_deep, born_before=state.born, after=new, step=step,
+        w_max=w_max, tail_cost=tail_cost,
     )
     return new, tel
