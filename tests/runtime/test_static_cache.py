@@ -21,6 +21,13 @@ from tests.runtime.test_engine import _sharp
 FALLBACK = "using the dynamic cache"
 
 
+def _cache(model, cache) -> dict:
+    """The cache keyword this transformers speaks (5.17: past_key_values; later: cache, the old name deprecated)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def _no_crop(monkeypatch, cache) -> None:
     """Hide ``crop`` of the cache's layer classes, as in transformers versions without it."""
     for cls in {type(layer) for layer in cache.layers}:
@@ -40,7 +47,7 @@ def test_rewind_static_equals_a_fresh_read(monkeypatch, how, keep):
     cache = StaticCache(config=model.config, max_cache_len=64)
     mask = torch.ones(1, 64, dtype=torch.long)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True)
+        model(input_ids=ids, **_cache(model, cache), attention_mask=mask, use_cache=True)
         if how == "crop" and not all(callable(getattr(layer, "crop", None)) for layer in cache.layers):
             pytest.skip("this transformers' static layers have no crop")
         if how == "reprefill":
@@ -50,10 +57,10 @@ def test_rewind_static_equals_a_fresh_read(monkeypatch, how, keep):
         assert int(cache.get_seq_length()) == keep
         assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == ptrs
         pos = torch.arange(keep, keep + more.shape[1])[None]
-        got = model(input_ids=more, position_ids=pos, past_key_values=cache, attention_mask=mask,
+        got = model(input_ids=more, position_ids=pos, **_cache(model, cache), attention_mask=mask,
                     use_cache=True).logits
         full = torch.cat([ids[:, :keep], more], 1)
-        want = model(input_ids=full, past_key_values=DynamicCache(config=model.config),
+        want = model(input_ids=full, **_cache(model, DynamicCache(config=model.config)),
                      use_cache=True).logits[:, keep:]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -77,7 +84,8 @@ def test_static_greedy_equals_dynamic_and_hf_generate(tmp_path, monkeypatch, cap
 
         probe = StaticCache(config=tiny_llama().config, max_cache_len=8)
         with torch.no_grad():
-            tiny_llama()(input_ids=torch.ones(1, 2, dtype=torch.long), past_key_values=probe, use_cache=True)
+            m = tiny_llama()
+            m(input_ids=torch.ones(1, 2, dtype=torch.long), **_cache(m, probe), use_cache=True)
         _no_crop(monkeypatch, probe)
     model = _sharp(tiny_llama(seed=7))
     base = FrozenBase(model, name="tiny")
@@ -116,7 +124,8 @@ def test_static_path_with_a_changing_working_context(tmp_path, monkeypatch, capl
 
                 probe = StaticCache(config=base.model.config, max_cache_len=8)
                 with torch.no_grad():
-                    base.model(input_ids=torch.ones(1, 2, dtype=torch.long), past_key_values=probe, use_cache=True)
+                    base.model(input_ids=torch.ones(1, 2, dtype=torch.long), **_cache(base.model, probe),
+                               use_cache=True)
                 _no_crop(monkeypatch, probe)
         outs[fast] = list(eng.generate(prompt, SamplingConfig(max_new_tokens=70)))
     assert outs["static"] == outs["off"] and len(set(outs["off"])) > 5
