@@ -92,6 +92,8 @@ class BasePrefixTrunk(nn.Module):
         return next(name for name, mod in self.body.named_modules() if mod is emb)
 
     def forward(self, x: Tensor, level_vec: Tensor, cos=None, sin=None) -> Tensor:
+        """Same call as the slot trunk's; ``cos`` / ``sin`` (its RoPE tables) are unused: the copied layers
+        bring the base's own position encoding."""
         n, t, d = x.shape
         slot = (self.slot + level_vec).unsqueeze(1).to(x.dtype)  # [n, 1, d]
         seq = torch.cat([x, slot], dim=1)  # [n, 33, d]
