@@ -147,6 +147,7 @@ class ChunkBuild:
     rounds: int
     query_tokens: int
     recency: str = "spread"  # WorkingContextConfig.recency of the starting tiling
+    allocator: AllocatorConfig | None = None  # None: the engine's default AllocatorConfig()
 
 
 def wc_budget(w_max: int, h: int, recent_raw: int, who: str) -> int:
@@ -178,7 +179,7 @@ def build_wave(base, history: InMemoryHistory, sample: Sample, index: int, bound
         batched = hasattr(policy, "scores_batch")
         policies = [policy] + [make_policy() if fresh_policy and not batched else policy
                                for _ in range(len(wcs) - 1)]
-        alloc = AllocatorConfig()
+        alloc = cfg.allocator or AllocatorConfig()
         for _ in range(cfg.rounds):
             live = [i for i, wc in enumerate(wcs) if len(wc)]
             if batched:

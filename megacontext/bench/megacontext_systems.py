@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from megacontext.bench.chunk_contexts import BatchedLens, ChunkBuild, PrefixHistory, build_wave, wc_budget
@@ -71,6 +71,7 @@ from megacontext.core.assets import GISTNET_MODEL, LENSNET_MODEL
 from megacontext.core.config import Config, check
 from megacontext.focus import LexicalFocus, RecencyFocus
 from megacontext.tree import InMemoryHistory, MeanPoolCompressor
+from megacontext.wc import AllocatorConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class MegaContextSystemConfig(Config):
     lensnet: str = LENSNET_MODEL  # LensNet checkpoint: a directory or an embedded model name
     batch_blocks: int = 4096  # blocks per batched compressor call when gisting a history
     gist_dtype: str = "float16"
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)  # as EngineConfig.allocator
 
     def __post_init__(self):
         check(self.chunk >= 1, f"chunk={self.chunk} must be >= 1")
@@ -150,7 +152,8 @@ class MegaContextSystem(System):
         t0 = time.perf_counter()
         histories = self._histories(samples)
         gist_share = (time.perf_counter() - t0) / max(len(samples), 1)
-        build = ChunkBuild(cfg.recent_raw, cfg.position_mode, cfg.rounds, cfg.query_tokens, cfg.recency)
+        build = ChunkBuild(cfg.recent_raw, cfg.position_mode, cfg.rounds, cfg.query_tokens, cfg.recency,
+                           cfg.allocator)
         results = new_results(samples)
         progress = tqdm(total=sum(map(len, plans)), desc=f"{self.name} w={w_max}", unit="chunk", leave=False,
                         mininterval=5)

@@ -192,3 +192,23 @@ def test_perplexity_runs_end_to_end_through_the_harness(tiny_base, checkpoints):
     trunc = next(r for r in records if r.system == "truncation" and r.task == "books_ppl" and r.w_max == 192)
     torch.testing.assert_close(recency.scores[0].nll[:127], trunc.scores[0].nll[:127], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(recency.scores[0].nll[300:], trunc.scores[0].nll[300:], atol=1e-3)
+
+
+def test_allocator_option_reaches_the_chunk_build(tiny_base, samples):
+    """A system's ``allocator`` option is the one its refocus rounds use: thresholds nothing can pass turn a
+    moving policy into the recency tiling, bit for bit."""
+    from megacontext.bench.megacontext_systems import MegaContextSystemConfig
+    from megacontext.wc import AllocatorConfig
+
+    comp = MeanPoolCompressor.from_base(tiny_base)
+    frozen = AllocatorConfig(tau_expand=1e9, tau_collapse=1e9, tau_deep=1e9)
+    rec = build_system("meanpool-recency", tiny_base, {"chunk": 32, "recent_raw": 64})
+    moving = MegaContextSystem("moving", tiny_base, comp, _ExpandGists,
+                               MegaContextSystemConfig(chunk=32, recent_raw=64, rounds=2))
+    still = MegaContextSystem("still", tiny_base, comp, _ExpandGists,
+                              MegaContextSystemConfig.from_dict({"chunk": 32, "recent_raw": 64, "rounds": 2,
+                                                                 "allocator": frozen.to_dict()}))
+    a, b, c = (s.score(tiny_base, samples, 256) for s in (rec, moving, still))
+    assert any(not torch.allclose(x.nll, y.nll) for x, y in zip(a, b, strict=True))  # the spy does move
+    assert all(torch.equal(x.nll, z.nll) for x, z in zip(a, c, strict=True))
+    assert still.describe()["allocator"]["tau_expand"] == 1e9
