@@ -105,7 +105,8 @@ case "$part" in
     #   probes (+ probes_bm25): far_recall + passkey + qmsum at chunk 32 (the mc sizes)
     #   ppl (+ ppl_mc):         books_ppl + code_ppl at the ppl_mc sizes (chunk 128)
     #   lingua:                 far_recall + passkey at the lingua_small sizes, matched truncation / bm25 / megacontext
-    #   rawfirst, ppl_rawfirst: megacontext-lensnet-rawfirst on the probe and perplexity samples (merged likewise)
+    #   rawfirst, ppl_rawfirst: megacontext-lensnet-rawfirst and megacontext-tail512 (a 512-token raw tail) on the
+    #                           probe and perplexity samples (merged likewise)
     # Needs rank_bm25 and llmlingua (offline: pip install --no-deps --no-index carry/wheels/*.whl).
     # HEADLINE_ONLY="probes lingua" runs a subset (e.g. to redo one part).
     hl="$out_root/bench_headline"
@@ -116,8 +117,8 @@ case "$part" in
     cmd[ppl]="${ppl_small[*]} --systems full truncation sinks bm25 megacontext-recency"
     cmd[ppl_mc]="${ppl_small[*]} --systems megacontext"
     # the raw-first tiling under the learned focus: the lever the first headline (docs/focus_v2.md) points to
-    cmd[rawfirst]="--tasks far_recall passkey qmsum ${probes_small[*]} --systems megacontext-lensnet-rawfirst truncation"
-    cmd[ppl_rawfirst]="${ppl_small[*]} --systems megacontext-lensnet-rawfirst truncation"
+    cmd[rawfirst]="--tasks far_recall passkey qmsum ${probes_small[*]} --systems megacontext-lensnet-rawfirst megacontext-tail512 truncation"
+    cmd[ppl_rawfirst]="${ppl_small[*]} --systems megacontext-lensnet-rawfirst megacontext-tail512 truncation"
     cmd[lingua]="--tasks far_recall passkey --chunk 256 --per-distance 2 --systems llmlingua truncation bm25 megacontext"
     pids=()
     for name in ${HEADLINE_ONLY:-probes probes_bm25 ppl ppl_mc lingua rawfirst ppl_rawfirst}; do

@@ -38,6 +38,9 @@ How a sample is scored (no token-by-token streaming of the history):
    (every token of long documents; ~256 chunks per 32k tokens at chunk 128) affordable; they used to be
    skipped when every chunk ran its own forward.
 
+- ``megacontext-tail512``: ``megacontext`` with ``recent_raw=512`` (the newest 512 tokens always raw instead of
+  128): a CPU check (docs/focus_v2.md) found the small protected tail, not the tiling or voluntary collapses,
+  behind the default's loss to truncation on perplexity.
 - ``megacontext-oracle`` / ``megacontext-oracle-rawfirst``: the same gists with the *evidence oracle*
   (:mod:`megacontext.focus.oracles`): for probes that record where their evidence is, a perfect pointer
   that asks to expand exactly the gists covering it, through the same allocator and rounds. An upper bound on
@@ -244,6 +247,7 @@ _register("megacontext-recency", _recency)
 _register("megacontext-rawfirst", _recency, recency="raw_first")
 _register("megacontext-lensnet", _lensnet)
 _register("megacontext-lensnet-rawfirst", _lensnet, recency="raw_first")
+_register("megacontext-tail512", _lensnet, recent_raw=512)  # the product focus with a 512-token protected raw tail
 _register("megacontext-lexical", _lexical)
 _register("megacontext-oracle", _oracle)
 _register("megacontext-oracle-rawfirst", _oracle, recency="raw_first")

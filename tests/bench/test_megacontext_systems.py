@@ -212,3 +212,12 @@ def test_allocator_option_reaches_the_chunk_build(tiny_base, samples):
     assert any(not torch.allclose(x.nll, y.nll) for x, y in zip(a, b, strict=True))  # the spy does move
     assert all(torch.equal(x.nll, z.nll) for x, z in zip(a, c, strict=True))
     assert still.describe()["allocator"]["tau_expand"] == 1e9
+
+
+def test_tail512_fixes_its_raw_tail(tiny_base, checkpoints, samples):
+    """``megacontext-tail512`` keeps 512 raw tokens whatever the suite passes, so a budget that cannot hold them
+    is refused by name rather than silently shrinking the tail."""
+    system = build_system("megacontext-tail512", tiny_base, {**checkpoints, "chunk": 32, "recent_raw": 64})
+    assert system.describe()["recent_raw"] == 512 and system.describe()["focus"] == "lensnet"
+    with pytest.raises(ValueError, match="megacontext-tail512: w_max=256 .* recent_raw=512"):
+        system.score(tiny_base, samples, 256)
