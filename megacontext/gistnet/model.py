@@ -134,6 +134,17 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def mean_pool_head(width: int, d_model: int) -> tuple[nn.Linear, nn.Linear]:
+    """A trunk's output layers ``out`` [width -> d] and ``skip`` [d -> d] for ``skip(mean(x)) + out(g)``: ``out``
+    starts at zero and ``skip`` at the identity, so an untrained trunk is exactly mean pooling (module docstring)."""
+    out, skip = nn.Linear(width, d_model), nn.Linear(d_model, d_model, bias=False)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    with torch.no_grad():
+        skip.weight.copy_(torch.eye(d_model))
+    return out, skip
+
+
 class _Trunk(nn.Module):
     """One level's compressor body: in-projection, blocks, slot-query pooling, residual MLP, out-projection."""
 
@@ -150,12 +161,7 @@ class _Trunk(nn.Module):
         self.pool_proj = nn.Linear(width, width)
         self.norm_out = nn.RMSNorm(width)
         self.mlp = SwiGLU(width, hidden, cfg.dropout)
-        self.out = nn.Linear(width, d_model)
-        self.skip = nn.Linear(d_model, d_model, bias=False)
-        nn.init.zeros_(self.out.weight)  # untrained net == mean pooling (see module docstring)
-        nn.init.zeros_(self.out.bias)
-        with torch.no_grad():
-            self.skip.weight.copy_(torch.eye(d_model))
+        self.out, self.skip = mean_pool_head(width, d_model)
 
     def forward(self, x: Tensor, level_vec: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         n, t, _ = x.shape

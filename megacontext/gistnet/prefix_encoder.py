@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from megacontext.core.layers import SwiGLU
 from megacontext.core.lod import BLOCK
+from megacontext.gistnet.model import mean_pool_head
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,7 @@ class BasePrefixTrunk(nn.Module):
         self.slot = nn.Parameter(torch.randn(d_model) / math.sqrt(d_model))
         self.norm_out = nn.RMSNorm(d_model)
         self.mlp = SwiGLU(d_model, int(mlp_mult * d_model), dropout)
-        self.out = nn.Linear(d_model, d_model)
-        self.skip = nn.Linear(d_model, d_model, bias=False)
-        nn.init.zeros_(self.out.weight)  # untrained trunk == mean pooling, as the slot trunk
-        nn.init.zeros_(self.out.bias)
-        with torch.no_grad():
-            self.skip.weight.copy_(torch.eye(d_model))
+        self.out, self.skip = mean_pool_head(d_model, d_model)  # untrained trunk == mean pooling
         self.register_buffer("positions", torch.arange(BLOCK + 1), persistent=False)
 
     @torch.no_grad()
