@@ -25,7 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
+
+from megacontext.bench.report import fmt_estimate  # noqa: E402
 
 PRIMARY = "megacontext"
 RIVALS = ("bm25-absolute", "truncation")
@@ -88,9 +93,7 @@ def overall(rows: list[dict], task: str, metric: str) -> dict[tuple[str, int], d
 
 
 def _cell(row: dict | None) -> str:
-    if row is None or not math.isfinite(row["value"]):
-        return "–"
-    return f"{row['value']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"
+    return "–" if row is None else fmt_estimate(row)
 
 
 def summary_rows(parts: list[dict]) -> list[dict]:

@@ -31,7 +31,8 @@ def provenance(base, device_note: str | None = None) -> dict:
             "transformers": transformers.__version__}
 
 
-def _fmt(row: dict) -> str:
+def fmt_estimate(row: dict) -> str:
+    """``value [lo, hi]`` of one estimate row (``n/a`` when not finite)."""
     if not math.isfinite(row["value"]):
         return "n/a"
     return f"{row['value']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"
@@ -63,7 +64,7 @@ def markdown(result: BenchResult, meta: dict) -> str:
             cells.setdefault((r["system"], r["w_max"]), {})[r["group"]] = r
         for (system, w), by_group in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             n = by_group.get("all", next(iter(by_group.values())))["n"]
-            lines.append(f"| {system} | {w} | " + " | ".join(_fmt(by_group[g]) if g in by_group else "–"
+            lines.append(f"| {system} | {w} | " + " | ".join(fmt_estimate(by_group[g]) if g in by_group else "–"
                                                               for g in groups) + f" | {n} |")
         lines.append("")
     lines += ["## Cost per scored token", "", "FLOPs: analytic base-forward FLOPs including every context rebuild "
