@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from megacontext.core.checkpoint import load_checkpoint, save_checkpoint
 from megacontext.core.config import Config, check
-from megacontext.core.layers import SwiGLU
+from megacontext.core.layers import SwiGLU, mean_pool_head
 from megacontext.core.lod import BLOCK, NET_LEVELS
 
 if TYPE_CHECKING:
@@ -132,17 +132,6 @@ class _Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(a.transpose(1, 2).reshape(n, t, w))  # [n, T, w]
         return x + self.mlp(self.norm2(x))
-
-
-def mean_pool_head(width: int, d_model: int) -> tuple[nn.Linear, nn.Linear]:
-    """A trunk's output layers ``out`` [width -> d] and ``skip`` [d -> d] for ``skip(mean(x)) + out(g)``: ``out``
-    starts at zero and ``skip`` at the identity, so an untrained trunk is exactly mean pooling (module docstring)."""
-    out, skip = nn.Linear(width, d_model), nn.Linear(d_model, d_model, bias=False)
-    nn.init.zeros_(out.weight)
-    nn.init.zeros_(out.bias)
-    with torch.no_grad():
-        skip.weight.copy_(torch.eye(d_model))
-    return out, skip
 
 
 class _Trunk(nn.Module):

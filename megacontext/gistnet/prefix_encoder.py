@@ -27,9 +27,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from megacontext.core.layers import SwiGLU
+from megacontext.core.layers import SwiGLU, mean_pool_head
 from megacontext.core.lod import BLOCK
-from megacontext.gistnet.model import mean_pool_head
 
 log = logging.getLogger(__name__)
 
